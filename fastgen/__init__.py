@@ -1,0 +1,3 @@
+"""fastgen: fast generation for diffusion and flow models."""
+
+__version__ = "0.1.0"

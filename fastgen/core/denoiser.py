@@ -1,0 +1,376 @@
+"""The denoiser contract and the adapters that map models into it.
+
+Contract (EDM, Karras et al. 2022)::
+
+    D(x, sigma, **cond) -> x0_hat          x = x0 + sigma * eps   (VE-scaled state)
+
+- ``x``: tensor ``(B, ...)``; ``sigma``: a float, a 0-d tensor or a ``(B,)`` tensor of VE sigmas
+  (> 0); the result has the shape and dtype of ``x``.
+- Each denoiser may expose ``sigma_min`` / ``sigma_max`` (the range it was trained on) or ``None``.
+
+Adapters:
+
+- :class:`EDMDenoiser` -- an EDM-preconditioned network ``net(c_in x, c_noise, **cond)``.
+- :class:`DiffusersVPDenoiser` -- Diffusers discrete VP models (``epsilon``, ``v_prediction``,
+  ``sample``), model time interpolated from sigma over the training table in log-sigma.
+- :class:`DiffusersFlowDenoiser` -- Diffusers flow-matching models (velocity ``eps - x0``),
+  ``x_fm = x / (1 + sigma)``, ``t = sigma / (1 + sigma)``.
+- :class:`GaussianMixtureDenoiser` -- the exact denoiser of an (isotropic or general) mixture.
+- :class:`EmpiricalDenoiser` -- the exact "ideal" denoiser of a finite data set, with an optional
+  kernel width that keeps it smooth for schedule learning.
+- :func:`from_diffusers` -- picks the right Diffusers adapter for a model + scheduler config or a
+  pipeline object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Denoiser(Protocol):
+    """``D(x, sigma, **cond) -> x0_hat``; see the module docstring for shapes and units."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor: ...
+
+
+def sigma_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Return sigma as a ``(B,)`` tensor on x's device (dtype float of x, at least float32)."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    s = torch.as_tensor(sigma, device=x.device, dtype=dtype) if not isinstance(sigma, torch.Tensor) else sigma
+    s = s.to(device=x.device, dtype=dtype)
+    if s.ndim == 0:
+        return s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(s.shape)}")
+    return s
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _model_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"model returned {type(out).__name__}; expected a tensor, a .sample output or a tuple")
+
+
+# --------------------------------------------------------------------------------------------
+# EDM preconditioning
+# --------------------------------------------------------------------------------------------
+
+
+class EDMDenoiser(nn.Module):
+    """EDM preconditioning around ``net(x_in, c_noise, **cond) -> F``.
+
+    ``D = c_skip x + c_out F(c_in x, c_noise)`` with ``c_skip = sd^2/(s^2+sd^2)``,
+    ``c_out = s sd / sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)``, ``c_noise = log(s)/4``.
+    """
+
+    def __init__(
+        self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0
+    ) -> None:
+        super().__init__()
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.net = net
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(c_skip, c_out, c_in, c_noise)`` for a sigma tensor."""
+        sd2 = self.sigma_data**2
+        s2 = sigma**2
+        c_skip = sd2 / (s2 + sd2)
+        c_out = sigma * self.sigma_data / (s2 + sd2).sqrt()
+        c_in = 1 / (s2 + sd2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        s = sigma_batch(sigma, x)
+        c_skip, c_out, c_in, c_noise = self.coefficients(s)
+        f = _model_output(self.net((_bcast(c_in, x) * x).to(x.dtype), c_noise.to(x.dtype), **cond))
+        return (_bcast(c_skip, x) * x + _bcast(c_out, x) * f.to(x.dtype)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusers adapters
+# --------------------------------------------------------------------------------------------
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def vp_sigmas_from_config(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
+    """Training-table sigmas ``sqrt((1 - abar) / abar)`` (ascending in timestep) of a VP config.
+
+    ``alphas_cumprod`` is taken from Diffusers' own ``DDPMScheduler`` so every ``beta_schedule``
+    (linear, scaled_linear, squaredcos_cap_v2, trained betas, ...) is handled exactly as Diffusers does.
+    """
+    from diffusers import DDPMScheduler
+
+    cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    sched = DDPMScheduler.from_config(cfg)
+    abar = sched.alphas_cumprod.double()
+    return ((1 - abar) / abar).sqrt()
+
+
+class DiffusersVPDenoiser(nn.Module):
+    """A Diffusers discrete VP model (DDPM/SD UNets) seen as a VE denoiser.
+
+    The model receives ``x / sqrt(1 + sigma^2)`` and the (fractional) timestep ``t(sigma)``
+    obtained by linear interpolation of ``t`` in ``log sigma`` over the training table (the rule
+    of Diffusers' ``_sigma_to_t``). ``cond`` is passed to the model as keywords
+    (``encoder_hidden_states=...``, ``class_labels=...``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[..., Any],
+        scheduler_config: Mapping[str, Any],
+        prediction_type: str | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = dict(scheduler_config)
+        prediction_type = prediction_type or cfg.get("prediction_type", "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.model = model
+        self.prediction_type = prediction_type
+        table = vp_sigmas_from_config(cfg)
+        self.register_buffer("table_sigmas", table, persistent=False)
+        self.register_buffer("table_log_sigmas", table.log(), persistent=False)
+        self.sigma_min = float(table[0])
+        self.sigma_max = float(table[-1])
+        self.config = cfg
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional training timestep for VE sigma(s), clamped to the table's range."""
+        log_sigmas = self.table_log_sigmas.to(sigma.device)
+        ls = sigma.double().clamp(min=1e-10).log()
+        idx = torch.searchsorted(log_sigmas, ls.reshape(-1).contiguous()).reshape(ls.shape)
+        low = (idx - 1).clamp(0, log_sigmas.shape[0] - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((ls - lo) / (hi - lo)).clamp(0, 1)
+        return low.double() + w
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        s = sigma_batch(sigma, x)
+        sb = _bcast(s, x)
+        scale = 1 / (sb**2 + 1).sqrt()
+        x_in = (x * scale).to(x.dtype)
+        t = self.sigma_to_t(s).to(torch.float32)
+        out = _model_output(self.model(x_in, timestep=t, **cond))
+        if out.shape[1] == 2 * x.shape[1]:  # learned-variance models: keep the mean prediction
+            out = out[:, : x.shape[1]]
+        out = out.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - sb * out
+        if self.prediction_type == "v_prediction":
+            # x_vp = a x0 + b eps with a = 1/sqrt(1+s^2), b = s/sqrt(1+s^2); v = a eps - b x0
+            return scale * x_in - sb * scale * out
+        return out
+
+
+class DiffusersFlowDenoiser(nn.Module):
+    """A Diffusers flow-matching model (SD3/Flux style, velocity ``eps - x0``) as a VE denoiser.
+
+    ``x_fm = x / (1 + sigma)``, flow time ``t = sigma / (1 + sigma)``; the model receives
+    ``timestep = t * timestep_scale`` (1000 for SD3 transformers; Flux pipelines divide by 1000
+    before calling their transformer, so use 1.0 there). ``x0 = x_fm - t v``.
+    """
+
+    def __init__(self, model: nn.Module | Callable[..., Any], timestep_scale: float = 1000.0) -> None:
+        super().__init__()
+        self.model = model
+        self.timestep_scale = float(timestep_scale)
+        self.sigma_min = None
+        self.sigma_max = None
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        s = sigma_batch(sigma, x)
+        t = s / (1 + s)
+        tb = _bcast(t, x)
+        x_fm = (x / (1 + _bcast(s, x))).to(x.dtype)
+        v = _model_output(self.model(x_fm, timestep=(t * self.timestep_scale).to(x.dtype), **cond)).to(x.dtype)
+        return x_fm - tb * v
+
+
+def from_diffusers(
+    model_or_pipeline: Any,
+    scheduler_config: Mapping[str, Any] | None = None,
+    prediction_type: str | None = None,
+    timestep_scale: float | None = None,
+) -> nn.Module:
+    """Adapt a Diffusers model (with its scheduler config) or a pipeline into a VE denoiser.
+
+    - ``from_diffusers(unet, pipe.scheduler.config)`` or ``from_diffusers(pipe)``.
+    - Flow-matching configs (``FlowMatch*`` schedulers) give a :class:`DiffusersFlowDenoiser`;
+      pipelines whose transformer is Flux-style get ``timestep_scale = 1`` automatically.
+    """
+    model = model_or_pipeline
+    if scheduler_config is None:
+        sched = getattr(model_or_pipeline, "scheduler", None)
+        if sched is None:
+            raise ValueError("scheduler_config is required unless a pipeline with a .scheduler is given")
+        scheduler_config = sched.config
+        model = getattr(model_or_pipeline, "unet", None) or getattr(model_or_pipeline, "transformer", None)
+        if model is None:
+            raise ValueError("pipeline has neither .unet nor .transformer")
+    cfg = dict(scheduler_config)
+    name = str(cfg.get("_class_name", ""))
+    if "FlowMatch" in name or ("shift" in cfg and "beta_schedule" not in cfg):
+        if timestep_scale is None:
+            timestep_scale = 1.0 if "Flux" in type(model).__name__ else 1000.0
+        return DiffusersFlowDenoiser(model, timestep_scale=timestep_scale)
+    return DiffusersVPDenoiser(model, cfg, prediction_type=prediction_type)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact denoisers
+# --------------------------------------------------------------------------------------------
+
+
+class GaussianMixtureDenoiser(nn.Module):
+    """Exact denoiser of ``p(x0) = sum_k w_k N(mu_k, Sigma_k)`` (no model error).
+
+    Give ``stds`` (K,) for isotropic components ``Sigma_k = s_k^2 I`` or ``covs`` (K, d, d) for
+    general ones. Inputs ``x`` of shape ``(B, ...)`` are flattened to ``(B, d)``. Computed in
+    float64 and returned in x's dtype. ``cond`` may hold ``class_labels`` (B,) to condition on one
+    component per sample (class-conditional toys: one class per mode).
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        means: torch.Tensor,
+        stds: torch.Tensor | None = None,
+        covs: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        means = torch.as_tensor(means, dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if means.ndim != 2:
+            raise ValueError(f"means must have shape (K, d), got {tuple(means.shape)}")
+        k, d = means.shape
+        if weights.shape != (k,):
+            raise ValueError(f"weights must have shape ({k},), got {tuple(weights.shape)}")
+        if (stds is None) == (covs is None):
+            raise ValueError("give exactly one of stds (K,) or covs (K, d, d)")
+        self.register_buffer("weights", weights / weights.sum())
+        self.register_buffer("means", means)
+        if stds is not None:
+            stds = torch.as_tensor(stds, dtype=torch.float64)
+            if stds.shape != (k,):
+                raise ValueError(f"stds must have shape ({k},), got {tuple(stds.shape)}")
+            self.register_buffer("stds", stds)
+            self.covs = None
+        else:
+            covs = torch.as_tensor(covs, dtype=torch.float64)
+            if covs.shape != (k, d, d):
+                raise ValueError(f"covs must have shape ({k}, {d}, {d}), got {tuple(covs.shape)}")
+            self.register_buffer("covs", covs)
+            self.stds = None
+        self.sigma_min = None
+        self.sigma_max = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    def _posterior(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log posterior weights (B, K) and per-component means (B, K, d); float64."""
+        s2 = sigma.double()[:, None] ** 2  # (B, 1)
+        d = self.dim
+        diff = x[:, None, :] - self.means[None]  # (B, K, d)
+        if self.stds is not None:
+            var = self.stds[None] ** 2 + s2  # (B, K)
+            logits = (
+                self.weights.log()[None]
+                - 0.5 * d * var.log()
+                - 0.5 * (diff**2).sum(-1) / var
+            )
+            m = self.means[None] + (self.stds[None] ** 2 / var)[..., None] * diff
+            return logits, m
+        eye = torch.eye(d, dtype=torch.float64, device=x.device)
+        cov = self.covs[None] + s2[..., None, None] * eye  # (B, K, d, d)
+        chol = torch.linalg.cholesky(cov)
+        sol = torch.cholesky_solve(diff[..., None], chol)[..., 0]  # cov^-1 diff
+        logdet = 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
+        logits = self.weights.log()[None] - 0.5 * logdet - 0.5 * (diff * sol).sum(-1)
+        m = self.means[None] + torch.einsum("kij,bkj->bki", self.covs, sol)
+        return logits, m
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None, **_: Any
+    ) -> torch.Tensor:
+        s = sigma_batch(sigma, x).double()
+        flat = x.reshape(x.shape[0], -1).double()
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"x has {flat.shape[1]} features per sample, the mixture has d={self.dim}")
+        logits, m = self._posterior(flat, s)
+        if class_labels is not None:
+            mask = torch.full_like(logits, -math.inf)
+            mask.scatter_(1, class_labels.long().reshape(-1, 1).to(x.device), 0.0)
+            logits = logits + mask
+        w = torch.softmax(logits, dim=1)
+        out = (w[..., None] * m).sum(1)
+        return out.reshape(x.shape).to(x.dtype)
+
+    def log_prob(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """``log p_sigma(x)`` (B,) of the noised mixture; differentiable in x (float64)."""
+        s = sigma_batch(sigma, x).double()
+        flat = x.reshape(x.shape[0], -1).double()
+        logits, _ = self._posterior(flat, s)
+        return torch.logsumexp(logits, dim=1) - 0.5 * self.dim * math.log(2 * math.pi)
+
+
+class EmpiricalDenoiser(nn.Module):
+    """Exact denoiser of the empirical distribution of ``data`` (N, ...), the "ideal denoiser".
+
+    With ``bandwidth`` s > 0 each point becomes ``N(y_n, s^2 I)``:
+    ``D = m + s^2/(s^2+sigma^2) (x - m)``, ``m = sum_n softmax(-|x-y_n|^2 / (2(s^2+sigma^2))) y_n``.
+    With s = 0 it snaps to the nearest point as sigma -> 0 (it memorises; never use it to judge
+    generalisation). Memory is O(B N) per call; ``chunk`` bounds the batch processed at once.
+    """
+
+    def __init__(self, data: torch.Tensor, bandwidth: float = 0.0, chunk: int = 1024) -> None:
+        super().__init__()
+        if data.ndim < 2 or data.shape[0] < 1:
+            raise ValueError(f"data must have shape (N, ...) with N >= 1, got {tuple(data.shape)}")
+        if bandwidth < 0:
+            raise ValueError(f"bandwidth must be >= 0, got {bandwidth}")
+        flat = data.reshape(data.shape[0], -1).double()
+        self.register_buffer("data", flat)
+        self.register_buffer("sq_norms", (flat**2).sum(1))
+        self.bandwidth = float(bandwidth)
+        self.chunk = int(chunk)
+        self.sigma_min = None
+        self.sigma_max = None
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **_: Any) -> torch.Tensor:
+        s = sigma_batch(sigma, x).double()
+        flat = x.reshape(x.shape[0], -1).double()
+        if flat.shape[1] != self.data.shape[1]:
+            raise ValueError(f"x has {flat.shape[1]} features per sample, the data has {self.data.shape[1]}")
+        var = s**2 + self.bandwidth**2  # (B,)
+        outs = []
+        for i in range(0, flat.shape[0], self.chunk):
+            xb, vb = flat[i : i + self.chunk], var[i : i + self.chunk]
+            d2 = (xb**2).sum(1, keepdim=True) - 2 * xb @ self.data.T + self.sq_norms[None]
+            w = torch.softmax(-d2 / (2 * vb[:, None]), dim=1)
+            m = w @ self.data
+            if self.bandwidth > 0:
+                m = m + (self.bandwidth**2 / vb)[:, None] * (xb - m)
+            outs.append(m)
+        return torch.cat(outs).reshape(x.shape).to(x.dtype)

@@ -1,0 +1,187 @@
+"""ODE solvers for ``dx/dsigma = (x - D(x, sigma)) / sigma``, one short function each.
+
+Every solver has the signature ``solver(denoiser, x, sigmas, *, callback=None, check_finite=True,
+**cond) -> x`` where
+
+- ``x`` is the state at ``sigmas[0]`` (VE-scaled, e.g. ``noise * sigmas[0]``),
+- ``sigmas`` is a valid schedule (1-D, strictly decreasing, finite, final entry >= 0),
+- ``cond`` is passed to every denoiser call (``class_labels=...``, ``encoder_hidden_states=...``),
+- ``callback(info)`` is called after each step with ``{"i", "sigma", "sigma_next", "x", "denoised"}``.
+
+They are pure functions of their inputs and differentiable with respect to ``x`` and ``sigmas``
+(LD3 and AYS refinement backpropagate through them). ``nfe(name, sigmas)`` gives the exact number
+of denoiser calls. A non-finite denoiser output raises ``FloatingPointError`` naming the step and
+sigma where it first appeared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fastgen.core.schedules import validate_sigmas
+
+Callback = Callable[[dict[str, Any]], None] | None
+
+
+def _denoise(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, i: int,
+             check_finite: bool, cond: dict[str, Any]) -> torch.Tensor:
+    out = denoiser(x, sigma.to(x.dtype) if sigma.is_floating_point() else sigma, **cond)
+    if out.shape != x.shape:
+        raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}")
+    if check_finite and not torch.isfinite(out).all():
+        raise FloatingPointError(
+            f"denoiser output is not finite at step {i} (sigma={float(sigma):.6g}); "
+            "check the model, its dtype and the schedule's sigma range"
+        )
+    return out
+
+
+def _prepare(x: torch.Tensor, sigmas: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor")
+    sigmas = validate_sigmas(sigmas)
+    if sigmas.device != x.device:
+        if isinstance(sigmas, torch.Tensor) and sigmas.requires_grad:
+            raise ValueError(f"sigmas is on {sigmas.device} but x is on {x.device}; put them on one device")
+        sigmas = sigmas.to(x.device)
+    return sigmas.to(x.dtype)
+
+
+def _emit(callback: Callback, i: int, sigmas: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "x": x, "denoised": denoised})
+
+
+def euler(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+          check_finite: bool = True, **cond: Any) -> torch.Tensor:
+    """Euler's method in sigma (= DDIM in VE space). NFE = number of steps."""
+    sigmas = _prepare(x, sigmas)
+    for i in range(len(sigmas) - 1):
+        denoised = _denoise(denoiser, x, sigmas[i], i, check_finite, cond)
+        x = denoised + (sigmas[i + 1] / sigmas[i]) * (x - denoised)
+        _emit(callback, i, sigmas, x, denoised)
+    return x
+
+
+def heun(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+         check_finite: bool = True, **cond: Any) -> torch.Tensor:
+    """Heun's 2nd-order method (EDM Algorithm 1, no churn); the step to sigma = 0 is an Euler step."""
+    sigmas = _prepare(x, sigmas)
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = _denoise(denoiser, x, s, i, check_finite, cond)
+        d = (x - denoised) / s
+        x_euler = x + (s_next - s) * d
+        if float(s_next) == 0:
+            x = x_euler
+        else:
+            denoised_2 = _denoise(denoiser, x_euler, s_next, i, check_finite, cond)
+            d_2 = (x_euler - denoised_2) / s_next
+            x = x + (s_next - s) * (d + d_2) / 2
+        _emit(callback, i, sigmas, x, denoised)
+    return x
+
+
+def dpmpp_2m(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+             check_finite: bool = True, **cond: Any) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, midpoint form, lambda = -log sigma.
+
+    The first step and the step to sigma = 0 are first order (Diffusers' ``lower_order_final``).
+    """
+    sigmas = _prepare(x, sigmas)
+    old_denoised = None
+    h_last = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = _denoise(denoiser, x, s, i, check_finite, cond)
+        if float(s_next) == 0:
+            x = denoised
+        else:
+            h = s.log() - s_next.log()
+            if old_denoised is None:
+                d_hat = denoised
+            else:
+                r = h_last / h
+                d_hat = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s_next / s) * x - torch.expm1(-h) * d_hat
+            h_last = h
+        old_denoised = denoised
+        _emit(callback, i, sigmas, x, denoised)
+    return x
+
+
+_IPNDM_COEFFS = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+
+
+def ipndm(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+          check_finite: bool = True, max_order: int = 4, **cond: Any) -> torch.Tensor:
+    """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on d = (x - D)/sigma with warm-up orders.
+
+    Order ``min(i + 1, max_order)`` at step i (1 <= max_order <= 4). NFE = number of steps.
+    """
+    if max_order not in (1, 2, 3, 4):
+        raise ValueError(f"max_order must be 1, 2, 3 or 4, got {max_order}")
+    sigmas = _prepare(x, sigmas)
+    history: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = _denoise(denoiser, x, s, i, check_finite, cond)
+        d = (x - denoised) / s
+        history.insert(0, d)
+        history = history[:max_order]
+        coeffs = _IPNDM_COEFFS[len(history) - 1]
+        d_comb = sum(c * h for c, h in zip(coeffs, history))
+        x = x + (s_next - s) * d_comb
+        _emit(callback, i, sigmas, x, denoised)
+    return x
+
+
+SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
+    "euler": euler,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "ipndm": ipndm,
+}
+
+#: Smallest number of steps for which each solver reaches its nominal order at least once.
+MIN_STEPS = {"euler": 1, "heun": 1, "dpmpp_2m": 1, "ipndm": 1}
+
+
+def get_solver(name: str) -> Callable[..., torch.Tensor]:
+    """Look up a solver by name (``euler``, ``heun``, ``dpmpp_2m``, ``ipndm``)."""
+    if name not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
+    return SOLVERS[name]
+
+
+def nfe(name: str, sigmas: Any) -> int:
+    """Exact number of denoiser calls of solver ``name`` on schedule ``sigmas``."""
+    get_solver(name)
+    sigmas = validate_sigmas(sigmas)
+    steps = len(sigmas) - 1
+    if name == "heun":
+        return 2 * steps - (1 if float(sigmas[-1]) == 0 else 0)
+    return steps
+
+
+def steps_for_nfe(name: str, target_nfe: int, final_zero: bool = True) -> int:
+    """Number of schedule steps that gives ``target_nfe`` denoiser calls (ValueError if impossible)."""
+    get_solver(name)
+    if target_nfe < 1:
+        raise ValueError(f"NFE must be >= 1, got {target_nfe}")
+    if name != "heun":
+        return target_nfe
+    extra = 1 if final_zero else 0
+    if (target_nfe + extra) % 2:
+        raise ValueError(
+            f"heun with a final step to 0 uses an odd NFE (2*steps - 1); NFE={target_nfe} is not reachable"
+        )
+    return (target_nfe + extra) // 2

@@ -1,0 +1,13 @@
+"""Offline data sets: scikit-learn's bundled 8x8 digits and Gaussian-mixture families."""
+
+from fastgen.data.digits import DigitsSplit, load_digits_split
+from fastgen.data.toy import GaussianMixture, random_mixture, ring_mixture, grid_mixture
+
+__all__ = [
+    "DigitsSplit",
+    "load_digits_split",
+    "GaussianMixture",
+    "random_mixture",
+    "ring_mixture",
+    "grid_mixture",
+]
