@@ -50,6 +50,14 @@ def sigma_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return s
 
 
+def _check_device(x: torch.Tensor, buffer: torch.Tensor, owner: str) -> None:
+    if x.device != buffer.device:
+        raise ValueError(
+            f"x is on {x.device} but the {owner}'s parameters are on {buffer.device}; "
+            f"accepted: x on {buffer.device} (or move the denoiser with .to(x.device))"
+        )
+
+
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -122,6 +130,9 @@ def vp_sigmas_from_config(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
     cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     sched = DDPMScheduler.from_config(cfg)
     abar = sched.alphas_cumprod.double()
+    if cfg.get("rescale_betas_zero_snr", False):
+        # Zero terminal SNR has abar[-1] = 0 (infinite sigma); Diffusers' Euler uses 2**-24 there.
+        abar[-1] = 2.0**-24
     return ((1 - abar) / abar).sqrt()
 
 
@@ -202,7 +213,8 @@ class DiffusersFlowDenoiser(nn.Module):
         t = s / (1 + s)
         tb = _bcast(t, x)
         x_fm = (x / (1 + _bcast(s, x))).to(x.dtype)
-        v = _model_output(self.model(x_fm, timestep=(t * self.timestep_scale).to(x.dtype), **cond)).to(x.dtype)
+        timestep = (t * self.timestep_scale).to(x.dtype)
+        v = _model_output(self.model(x_fm, timestep=timestep, **cond)).to(x.dtype)
         return x_fm - tb * v
 
 
@@ -224,7 +236,9 @@ def from_diffusers(
         if sched is None:
             raise ValueError("scheduler_config is required unless a pipeline with a .scheduler is given")
         scheduler_config = sched.config
-        model = getattr(model_or_pipeline, "unet", None) or getattr(model_or_pipeline, "transformer", None)
+        model = getattr(model_or_pipeline, "unet", None)
+        if model is None:
+            model = getattr(model_or_pipeline, "transformer", None)
         if model is None:
             raise ValueError("pipeline has neither .unet nor .transformer")
     cfg = dict(scheduler_config)
@@ -314,12 +328,22 @@ class GaussianMixtureDenoiser(nn.Module):
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None, **_: Any
     ) -> torch.Tensor:
+        _check_device(x, self.means, "mixture")
         s = sigma_batch(sigma, x).double()
         flat = x.reshape(x.shape[0], -1).double()
         if flat.shape[1] != self.dim:
             raise ValueError(f"x has {flat.shape[1]} features per sample, the mixture has d={self.dim}")
         logits, m = self._posterior(flat, s)
         if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels)
+            k = self.means.shape[0]
+            if class_labels.shape != (x.shape[0],) or class_labels.is_floating_point():
+                raise ValueError(
+                    f"class_labels must be an integer tensor of shape ({x.shape[0]},), "
+                    f"got {class_labels.dtype} of shape {tuple(class_labels.shape)}"
+                )
+            if len(class_labels) and (int(class_labels.min()) < 0 or int(class_labels.max()) >= k):
+                raise ValueError(f"class_labels must be in [0, {k - 1}], got {class_labels.tolist()}")
             mask = torch.full_like(logits, -math.inf)
             mask.scatter_(1, class_labels.long().reshape(-1, 1).to(x.device), 0.0)
             logits = logits + mask
@@ -329,8 +353,11 @@ class GaussianMixtureDenoiser(nn.Module):
 
     def log_prob(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """``log p_sigma(x)`` (B,) of the noised mixture; differentiable in x (float64)."""
+        _check_device(x, self.means, "mixture")
         s = sigma_batch(sigma, x).double()
         flat = x.reshape(x.shape[0], -1).double()
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"x has {flat.shape[1]} features per sample, the mixture has d={self.dim}")
         logits, _ = self._posterior(flat, s)
         return torch.logsumexp(logits, dim=1) - 0.5 * self.dim * math.log(2 * math.pi)
 
@@ -359,6 +386,7 @@ class EmpiricalDenoiser(nn.Module):
         self.sigma_max = None
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **_: Any) -> torch.Tensor:
+        _check_device(x, self.data, "empirical denoiser")
         s = sigma_batch(sigma, x).double()
         flat = x.reshape(x.shape[0], -1).double()
         if flat.shape[1] != self.data.shape[1]:

@@ -63,4 +63,5 @@ def reference_solve(
     **kwargs: Any,
 ) -> torch.Tensor:
     """The exact ODE map from ``sigma_start`` to ``sigma_end`` (>= 0) applied to ``x``."""
-    return reference_trajectory(denoiser, x, torch.tensor([float(sigma_start), float(sigma_end)]), **kwargs)[-1]
+    sigmas = torch.tensor([float(sigma_start), float(sigma_end)], dtype=torch.float64)
+    return reference_trajectory(denoiser, x, sigmas, **kwargs)[-1]

@@ -12,37 +12,42 @@ from typing import Any
 
 import torch
 
+#: What :func:`validate_sigmas` accepts, quoted in its error messages.
+SIGMAS_ACCEPTED = "a 1-D schedule of >= 2 finite sigmas, strictly decreasing, all > 0 except a final 0"
+
 
 def validate_sigmas(sigmas: Any, name: str = "sigmas", allow_final_positive: bool = True) -> torch.Tensor:
     """Check a schedule and return it as a tensor (float64 unless already floating).
 
     Accepted: a 1-D sequence of at least 2 finite sigmas, strictly decreasing, all positive except
-    possibly the last which may be 0. Raises ``ValueError`` naming ``name`` otherwise.
+    possibly the last which may be 0. Raises ``ValueError`` naming ``name`` and the accepted range
+    otherwise. A tensor is returned as is (same dtype, device and autograd graph).
     """
     if not isinstance(sigmas, torch.Tensor):
         try:
             sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{name} must be a 1-D sequence of floats, got {type(sigmas).__name__}") from err
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be {SIGMAS_ACCEPTED}; got {type(sigmas).__name__}") from err
     if not sigmas.is_floating_point():
         sigmas = sigmas.double()
     if sigmas.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(sigmas.shape)}")
+        raise ValueError(f"{name} must be {SIGMAS_ACCEPTED}; got shape {tuple(sigmas.shape)}")
     if sigmas.shape[0] < 2:
-        raise ValueError(f"{name} must have at least 2 entries (one step), got {sigmas.shape[0]}")
+        raise ValueError(f"{name} must be {SIGMAS_ACCEPTED}; got {sigmas.shape[0]} entries")
     s = sigmas.detach()
     if not torch.isfinite(s).all():
-        raise ValueError(f"{name} must be finite, got {s.tolist()}")
+        bad = int(torch.nonzero(~torch.isfinite(s))[0])
+        raise ValueError(f"{name} must be {SIGMAS_ACCEPTED}; entry {bad} is {float(s[bad])}")
     if not (s[1:] < s[:-1]).all():
         bad = int(torch.nonzero(s[1:] >= s[:-1])[0])
         raise ValueError(
-            f"{name} must be strictly decreasing; entry {bad + 1} ({float(s[bad + 1]):.6g}) is not below "
-            f"entry {bad} ({float(s[bad]):.6g})"
+            f"{name} must be {SIGMAS_ACCEPTED}; it is not strictly decreasing: entry {bad + 1} "
+            f"({float(s[bad + 1]):.6g}) is not below entry {bad} ({float(s[bad]):.6g})"
         )
     if (s[:-1] <= 0).any() or s[-1] < 0:
-        raise ValueError(f"{name} must be positive except a final 0, got minimum {float(s.min()):.6g}")
+        raise ValueError(f"{name} must be {SIGMAS_ACCEPTED}; got minimum {float(s.min()):.6g}")
     if not allow_final_positive and s[-1] != 0:
-        raise ValueError(f"{name} must end in 0, got final sigma {float(s[-1]):.6g}")
+        raise ValueError(f"{name} must be {SIGMAS_ACCEPTED} and end in 0; got final sigma {float(s[-1]):.6g}")
     return sigmas
 
 
@@ -196,8 +201,60 @@ def sigma_to_flow_t(sigma: torch.Tensor) -> torch.Tensor:
     return sigma / (1 + sigma)
 
 
+# --------------------------------------------------------------------------------------------
+# Conversions between the VE state and the VP / Diffusers-flow / rectified-flow conventions
+# --------------------------------------------------------------------------------------------
+
+
+def sigma_to_alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
+    """VP ``alpha_bar = 1 / (1 + sigma^2)`` of a VE sigma."""
+    return 1 / (1 + torch.as_tensor(sigma) ** 2)
+
+
+def alpha_bar_to_sigma(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """VE ``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` of a VP ``alpha_bar`` in (0, 1]."""
+    alpha_bar = torch.as_tensor(alpha_bar)
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def _col(sigma: Any, x: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim == 1 else s
+
+
+def ve_to_vp(x: torch.Tensor, sigma: Any) -> torch.Tensor:
+    """VE state ``x0 + sigma eps`` to the VP state ``x / sqrt(1 + sigma^2)`` (sigma scalar or (B,))."""
+    return x / (1 + _col(sigma, x) ** 2).sqrt()
+
+
+def vp_to_ve(x_vp: torch.Tensor, sigma: Any) -> torch.Tensor:
+    """Inverse of :func:`ve_to_vp`."""
+    return x_vp * (1 + _col(sigma, x_vp) ** 2).sqrt()
+
+
+def ve_to_flow(x: torch.Tensor, sigma: Any) -> torch.Tensor:
+    """VE state to the Diffusers flow state ``x / (1 + sigma) = (1 - t) x0 + t eps``, t = sigma/(1+sigma)."""
+    return x / (1 + _col(sigma, x))
+
+
+def flow_to_ve(x_fm: torch.Tensor, t: Any) -> torch.Tensor:
+    """Diffusers flow state at flow time ``t`` in [0, 1) (1 = noise) to the VE state ``x_fm / (1 - t)``."""
+    return x_fm / (1 - _col(t, x_fm))
+
+
+def rf_t_to_sigma(t: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow time (t = 0 noise, t = 1 data; ``x_t = (1-t) x0 + t x1``) to VE ``sigma = (1-t)/t``."""
+    t = torch.as_tensor(t)
+    return (1 - t) / t
+
+
+def sigma_to_rf_t(sigma: torch.Tensor) -> torch.Tensor:
+    """VE sigma to rectified-flow time ``t = 1 / (1 + sigma)`` (opposite direction to Diffusers' flow t)."""
+    return 1 / (1 + torch.as_tensor(sigma))
+
+
 def is_flow_config(config: Any) -> bool:
-    """True for a Diffusers flow-matching scheduler config (class name contains FlowMatch or has ``shift``)."""
+    """True for a Diffusers flow-matching config (class name has FlowMatch, or ``shift`` and no betas)."""
     config = dict(config)
     name = str(config.get("_class_name", ""))
     if "FlowMatch" in name:

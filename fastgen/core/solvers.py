@@ -10,8 +10,10 @@ Every solver has the signature ``solver(denoiser, x, sigmas, *, callback=None, c
 
 They are pure functions of their inputs and differentiable with respect to ``x`` and ``sigmas``
 (LD3 and AYS refinement backpropagate through them). ``nfe(name, sigmas)`` gives the exact number
-of denoiser calls. A non-finite denoiser output raises ``FloatingPointError`` naming the step and
-sigma where it first appeared.
+of denoiser calls. A non-finite denoiser output raises :class:`NonFiniteError` naming the step and
+sigma where it first appeared; it subclasses both ``FloatingPointError`` and ``ValueError``, so
+``except FloatingPointError`` and ``except ValueError`` both catch it (``check_finite=False`` skips
+the check, e.g. inside a tight training loop).
 """
 
 from __future__ import annotations
@@ -26,26 +28,42 @@ from fastgen.core.schedules import validate_sigmas
 Callback = Callable[[dict[str, Any]], None] | None
 
 
+class NonFiniteError(FloatingPointError, ValueError):
+    """A denoiser returned NaN/Inf; ``step`` is the solver step index and ``sigma`` the sigma of that call."""
+
+    def __init__(self, message: str, step: int, sigma: float) -> None:
+        super().__init__(message)
+        self.step = step
+        self.sigma = sigma
+
+
 def _denoise(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, i: int,
              check_finite: bool, cond: dict[str, Any]) -> torch.Tensor:
     out = denoiser(x, sigma.to(x.dtype) if sigma.is_floating_point() else sigma, **cond)
-    if out.shape != x.shape:
-        raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}")
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"denoiser must return a tensor of the input's shape {tuple(x.shape)}, got {shape}")
     if check_finite and not torch.isfinite(out).all():
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"denoiser output is not finite at step {i} (sigma={float(sigma):.6g}); "
-            "check the model, its dtype and the schedule's sigma range"
+            "check the model, its dtype and the schedule's sigma range",
+            step=i,
+            sigma=float(sigma),
         )
     return out
 
 
 def _prepare(x: torch.Tensor, sigmas: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError("x must be a floating-point tensor")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+        got = f"{x.dtype} tensor, shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point tensor of shape (B, ...), got {got}")
     sigmas = validate_sigmas(sigmas)
     if sigmas.device != x.device:
-        if isinstance(sigmas, torch.Tensor) and sigmas.requires_grad:
-            raise ValueError(f"sigmas is on {sigmas.device} but x is on {x.device}; put them on one device")
+        if sigmas.requires_grad:
+            raise ValueError(
+                f"sigmas is on {sigmas.device} but x is on {x.device}; sigmas that require grad must be on "
+                "x's device (move them before the call)"
+            )
         sigmas = sigmas.to(x.device)
     return sigmas.to(x.dtype)
 
@@ -55,8 +73,10 @@ def _emit(callback: Callback, i: int, sigmas: torch.Tensor, x: torch.Tensor, den
         callback({"i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "x": x, "denoised": denoised})
 
 
-def euler(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
-          check_finite: bool = True, **cond: Any) -> torch.Tensor:
+def euler(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+    check_finite: bool = True, **cond: Any,
+) -> torch.Tensor:
     """Euler's method in sigma (= DDIM in VE space). NFE = number of steps."""
     sigmas = _prepare(x, sigmas)
     for i in range(len(sigmas) - 1):
@@ -66,8 +86,10 @@ def euler(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *
     return x
 
 
-def heun(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
-         check_finite: bool = True, **cond: Any) -> torch.Tensor:
+def heun(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+    check_finite: bool = True, **cond: Any,
+) -> torch.Tensor:
     """Heun's 2nd-order method (EDM Algorithm 1, no churn); the step to sigma = 0 is an Euler step."""
     sigmas = _prepare(x, sigmas)
     for i in range(len(sigmas) - 1):
@@ -85,8 +107,10 @@ def heun(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *,
     return x
 
 
-def dpmpp_2m(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
-             check_finite: bool = True, **cond: Any) -> torch.Tensor:
+def dpmpp_2m(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+    check_finite: bool = True, **cond: Any,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, midpoint form, lambda = -log sigma.
 
     The first step and the step to sigma = 0 are first order (Diffusers' ``lower_order_final``).
@@ -121,8 +145,10 @@ _IPNDM_COEFFS = (
 )
 
 
-def ipndm(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
-          check_finite: bool = True, max_order: int = 4, **cond: Any) -> torch.Tensor:
+def ipndm(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+    check_finite: bool = True, max_order: int = 4, **cond: Any,
+) -> torch.Tensor:
     """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on d = (x - D)/sigma with warm-up orders.
 
     Order ``min(i + 1, max_order)`` at step i (1 <= max_order <= 4). NFE = number of steps.
