@@ -48,7 +48,9 @@ def _looks_like_gain(p: torch.Tensor) -> bool:
     return bool(torch.all(p == 1))
 
 
-def tiny_unet(seed: int = 0, channels: int = CHANNELS, sample_size: int = SAMPLE_SIZE, **overrides: Any) -> nn.Module:
+def tiny_unet(
+    seed: int = 0, channels: int = CHANNELS, sample_size: int = SAMPLE_SIZE, **overrides: Any
+) -> nn.Module:
     """A ~20k-parameter ``UNet2DModel`` (one down/up level with attention)."""
     from diffusers import UNet2DModel
 
@@ -146,7 +148,9 @@ def tiny_flux_transformer(seed: int = 0, channels: int = 8) -> nn.Module:
     return _reinit(model, seed)
 
 
-def tiny_flux_cond(batch: int, height: int = 4, width: int = 4, seq: int = 4, seed: int = 1) -> dict[str, Any]:
+def tiny_flux_cond(
+    batch: int, height: int = 4, width: int = 4, seq: int = 4, seed: int = 1
+) -> dict[str, Any]:
     """Conditioning keywords for :func:`tiny_flux_transformer` on ``height*width`` packed tokens."""
     g = torch.Generator().manual_seed(seed)
     img_ids = torch.zeros(height, width, 3)
