@@ -192,8 +192,9 @@ def flow_t_to_sigma(t: torch.Tensor) -> torch.Tensor:
     """Flow time (Diffusers convention, 1 = noise) to VE sigma ``t / (1 - t)``, capped at FLOW_SIGMA_MAX."""
     t = torch.as_tensor(t, dtype=torch.float64)
     t_cap = FLOW_SIGMA_MAX / (1 + FLOW_SIGMA_MAX)
-    t = torch.clamp(t, max=t_cap)
-    return t / (1 - t)
+    capped = t >= t_cap
+    sigma = torch.clamp(t, max=t_cap) / (1 - torch.clamp(t, max=t_cap))
+    return torch.where(capped, torch.full_like(sigma, FLOW_SIGMA_MAX), sigma)
 
 
 def sigma_to_flow_t(sigma: torch.Tensor) -> torch.Tensor:
