@@ -1,0 +1,199 @@
+"""Reading images (folders of PNG/JPEG, ``.npz`` arrays) and reading/writing statistics ``.npz`` files.
+
+Statistics files hold ``mu`` ``(d,)`` and ``sigma`` ``(d, d)`` float64 (the pytorch-fid / clean-fid /
+EDM format) plus fastgen metadata as 0-d string arrays (``extractor``, ``weights_sha256``,
+``resize``, ``count``, ``fastgen_version``) that other tools ignore. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_KEYS = ("arr_0", "images", "samples", "x")
+
+
+@dataclass
+class ReferenceStats:
+    """Gaussian statistics of a feature set: ``mu (d,)``, ``sigma (d, d)`` float64 numpy, and metadata."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int | None:
+        """Number of samples the statistics were computed from, when recorded."""
+        c = self.meta.get("count")
+        return int(c) if c not in (None, "") else None
+
+
+def save_stats(
+    path: str | Path, mu: np.ndarray | torch.Tensor, sigma: np.ndarray | torch.Tensor, **meta: object
+) -> Path:
+    """Write ``mu``/``sigma`` (as float64) and string metadata to ``path`` (``.npz`` appended if missing)."""
+    from fastgen import __version__
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    mu_np = mu.detach().cpu().double().numpy() if isinstance(mu, torch.Tensor) else np.asarray(mu, np.float64)
+    sig_np = (
+        sigma.detach().cpu().double().numpy()
+        if isinstance(sigma, torch.Tensor)
+        else np.asarray(sigma, np.float64)
+    )
+    if mu_np.ndim != 1 or sig_np.shape != (mu_np.shape[0],) * 2:
+        raise ValueError(f"mu must be (d,) and sigma (d, d), got {mu_np.shape} and {sig_np.shape}")
+    extra = {k: np.array(str(v)) for k, v in meta.items()}
+    extra.setdefault("fastgen_version", np.array(__version__))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu_np, sigma=sig_np, **extra)
+    return path
+
+
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such .npz file: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npz file ({err})") from err
+
+
+def is_stats_file(path: str | Path) -> bool:
+    """True if ``path`` is an ``.npz`` holding ``mu`` and ``sigma``."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with _open_npz(path) as f:
+        return "mu" in f.files and "sigma" in f.files
+
+
+def load_stats(path: str | Path) -> ReferenceStats:
+    """Read a statistics ``.npz`` (fastgen, pytorch-fid, clean-fid, EDM or ADM: ``mu``/``sigma`` keys).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an npz, no ``mu``/``sigma``, wrong shapes or non-finite values.
+    """
+    path = Path(path)
+    try:
+        with _open_npz(path) as f:
+            if "mu" not in f.files or "sigma" not in f.files:
+                raise ValueError(
+                    f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(f.files)}); not a statistics file"
+                )
+            mu = np.asarray(f["mu"], dtype=np.float64)
+            sigma = np.asarray(f["sigma"], dtype=np.float64)
+            meta = {k: str(f[k]) for k in f.files if k not in ("mu", "sigma") and f[k].ndim == 0}
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{path} is a corrupt .npz file ({err})") from err
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu/sigma contain NaN or Inf")
+    return ReferenceStats(mu, sigma, meta)
+
+
+def _to_nchw(arr: np.ndarray, where: str) -> torch.Tensor:
+    if arr.ndim == 3:  # (N, H, W) grayscale
+        arr = arr[:, None]
+    if arr.ndim != 4:
+        raise ValueError(f"{where}: images must be (N, H, W, C) or (N, C, H, W), got shape {arr.shape}")
+    if arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype not in (torch.uint8,) and not t.is_floating_point():
+        raise ValueError(f"{where}: images must be uint8 (0..255) or float in [-1, 1], got dtype {arr.dtype}")
+    return t
+
+
+def load_npz_images(path: str | Path) -> torch.Tensor:
+    """Images from an ``.npz`` (key ``arr_0``, ``images``, ``samples`` or ``x``; NHWC/NCHW; uint8/float)."""
+    path = Path(path)
+    try:
+        with _open_npz(path) as f:
+            key = next((k for k in IMAGE_KEYS if k in f.files), None)
+            if key is None:
+                if len(f.files) == 1:
+                    key = f.files[0]
+                else:
+                    raise ValueError(
+                        f"{path}: no image array found (looked for {IMAGE_KEYS}, keys are {sorted(f.files)})"
+                    )
+            arr = f[key]
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{path} is a corrupt .npz file ({err})") from err
+    return _to_nchw(arr, str(path))
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Sorted image files (png/jpg/jpeg/bmp/webp) under ``folder``, recursively.
+
+    Raises:
+        FileNotFoundError: the folder does not exist. ValueError: it holds no images.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"folder {folder} contains no images (accepted: {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode = "L" if im.mode in ("L", "I;16", "1") else "RGB"
+            return np.asarray(im.convert(mode))
+    except OSError as err:
+        raise ValueError(f"cannot read image {path} ({err})") from err
+
+
+def iter_folder_batches(folder: str | Path, batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """Yield uint8 ``(B, C, H, W)`` batches of the images in ``folder`` (all must share a size and mode)."""
+    files = list_image_files(folder)
+    for i in range(0, len(files), batch_size):
+        arrs = [_read_image(p) for p in files[i : i + batch_size]]
+        shapes = {a.shape for a in arrs}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"images in {folder} differ in size/channels: {sorted(shapes)[:3]}; resize them first"
+            )
+        yield _to_nchw(np.stack(arrs), str(folder))
+
+
+def count_images(source: str | Path) -> int:
+    """Number of images a folder or ``.npz`` holds (for progress bars)."""
+    source = Path(source)
+    if source.is_dir():
+        return len(list_image_files(source))
+    return int(load_npz_images(source).shape[0])
+
+
+def save_image_folder(images: torch.Tensor, folder: str | Path) -> list[Path]:
+    """Save images (uint8 or float in [-1, 1], ``(N, C, H, W)``, C in {1, 3}) as PNGs ``000000.png``..."""
+    from PIL import Image
+
+    from fastgen.metrics.features import images_to_uint8
+
+    x = images_to_uint8(images)
+    gray = images.shape[1] == 1
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, img in enumerate(x.permute(0, 2, 3, 1).cpu().numpy()):
+        p = folder / f"{i:06d}.png"
+        Image.fromarray(img[..., 0] if gray else img).save(p)
+        out.append(p)
+    return out
