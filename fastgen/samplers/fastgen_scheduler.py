@@ -1,0 +1,129 @@
+"""``FastgenScheduler``: any fastgen schedule with any fastgen solver, as a Diffusers scheduler.
+
+    pipe.scheduler = FastgenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m",
+                                                  schedule="my_ld3_schedule.json")
+
+``solver``: ``euler`` | ``heun`` | ``dpmpp_2m`` | ``ipndm`` (the formulas of
+:mod:`fastgen.core.solvers`, one network call per timestep entry; Heun's corrector repeats the next
+timestep, its step to 0 is Euler). ``schedule``:
+
+- ``"karras"`` (rho = ``rho``) or ``"loglinear"`` over the sigma range Diffusers' Euler (VP) or the
+  shifted FlowMatch default grid (flow) spans for ``num_inference_steps``; with ``solver="euler",
+  schedule="karras"`` and ``state_space="ve"`` (the default for non-DDPM VP configs) this reproduces
+  ``EulerDiscreteScheduler(use_karras_sigmas=True)``;
+- ``"default"``: exactly Diffusers' Euler / FlowMatch default grid;
+- a list of VE sigmas (strictly decreasing, typically ending in 0), used verbatim when
+  ``num_inference_steps == len(sigmas) - 1``, otherwise resampled log-linearly
+  (:func:`fastgen.core.schedules.resample`);
+- a path to a schedule JSON (``fastgen.samplers.schedule.Schedule.save``): a top-level ``"sigmas"``
+  list (VE) and optional ``"solver"``; it is read once and stored in the config as a list, so
+  ``save_pretrained`` is self-contained. A JSON solver that disagrees with an explicit ``solver``
+  is a ``ValueError`` (a schedule learned for a solver is used with exactly that solver).
+
+Pipeline-given ``sigmas=``/``timesteps=`` (e.g. Flux always passes ``sigmas``) replace the schedule;
+set ``use_flow_sigmas=True`` to make Flux pass none and use this scheduler's own schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from fastgen.core.schedules import karras, loglinear, resample, validate_sigmas
+from fastgen.core.solvers import SOLVERS
+from fastgen.samplers._scheduler_base import PlanSchedulerMixin
+
+SCHEDULE_NAMES = ("karras", "loglinear", "default")
+
+
+def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str | None]:
+    """Read ``{"sigmas": [...], "solver": ...}``; validate the sigmas (VE, strictly decreasing)."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"schedule {str(path)!r} is not a readable JSON file: {err}") from err
+    if not isinstance(data, dict) or "sigmas" not in data:
+        raise ValueError(f"schedule JSON {str(path)!r} must be an object with a top-level 'sigmas' list")
+    sig = validate_sigmas(data["sigmas"], f"sigmas in {os.fspath(path)}")
+    solver = data.get("solver")
+    if solver is not None and solver not in SOLVERS:
+        raise ValueError(f"solver in {os.fspath(path)} must be one of {sorted(SOLVERS)}, got {solver!r}")
+    return [float(v) for v in sig], solver
+
+
+class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
+    """Runs a fastgen schedule with a fastgen solver inside Diffusers pipelines (module docstring)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        final_sigmas_type: str = "zero",
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        state_space: str | None = None,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_custom_sigmas: bool = True,
+        use_flow_sigmas: bool = False,
+        solver: str | None = None,
+        schedule: str | list[float] = "karras",
+        rho: float = 7.0,
+    ) -> None:
+        json_solver = None
+        if isinstance(schedule, (str, os.PathLike)) and str(schedule) not in SCHEDULE_NAMES:
+            if not os.path.isfile(schedule):
+                raise ValueError(
+                    f"schedule must be one of {SCHEDULE_NAMES}, a list of VE sigmas or a schedule JSON path; "
+                    f"{str(schedule)!r} is none of these"
+                )
+            schedule, json_solver = load_schedule_json(schedule)
+            self.register_to_config(schedule=schedule)
+        elif not isinstance(schedule, str):
+            schedule = [float(v) for v in validate_sigmas(schedule, "schedule")]
+            self.register_to_config(schedule=schedule)
+        if solver is not None and json_solver is not None and solver != json_solver:
+            raise ValueError(
+                f"solver={solver!r} but the schedule JSON was made for solver {json_solver!r}; use that solver "
+                "or leave solver unset"
+            )
+        solver = solver or json_solver or "euler"
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+        self.register_to_config(solver=solver)
+        self._setup()
+
+    def _make_plan(self, grid: torch.Tensor | int, custom: bool) -> tuple[torch.Tensor, None, None, str]:
+        cfg = self.config
+        if not custom:
+            n = grid
+            if not isinstance(cfg.schedule, str):
+                sig = torch.tensor(cfg.schedule, dtype=torch.float64)
+                grid = sig if len(sig) - 1 == n else resample(sig, n)
+            elif cfg.schedule == "default":
+                grid = self._default_grid(n)
+            else:
+                lo, hi = self._train_sigma_range(n)
+                make = karras if cfg.schedule == "karras" else loglinear
+                grid = make(n, lo, hi, rho=cfg.rho) if make is karras else make(n, lo, hi)
+                if cfg.final_sigmas_type == "sigma_min":
+                    grid[-1] = self._final_sigma()
+        return validate_sigmas(grid, "sigmas").double(), None, None, cfg.solver
