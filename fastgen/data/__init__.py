@@ -1,7 +1,7 @@
 """Offline data sets: scikit-learn's bundled 8x8 digits and Gaussian-mixture families."""
 
 from fastgen.data.digits import DigitsSplit, load_digits_split
-from fastgen.data.toy import GaussianMixture, random_mixture, ring_mixture, grid_mixture
+from fastgen.data.toy import GaussianMixture, grid_mixture, random_mixture, ring_mixture
 
 __all__ = [
     "DigitsSplit",

@@ -105,13 +105,16 @@ def grid_mixture(side: int = 5, spacing: float = 2.0, std: float = 0.1) -> Gauss
     gx, gy = torch.meshgrid(coords, coords, indexing="ij")
     means = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
     k = side * side
-    return GaussianMixture(
-        torch.full((k,), 1.0 / k, dtype=torch.float64), means, torch.full((k,), float(std), dtype=torch.float64)
-    )
+    weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    return GaussianMixture(weights, means, torch.full((k,), float(std), dtype=torch.float64))
 
 
 def random_mixture(
-    dim: int, num_modes: int, seed: int = 0, mean_scale: float = 2.0, std_range: tuple[float, float] = (0.2, 0.6)
+    dim: int,
+    num_modes: int,
+    seed: int = 0,
+    mean_scale: float = 2.0,
+    std_range: tuple[float, float] = (0.2, 0.6),
 ) -> GaussianMixture:
     """A d-dimensional mixture with random means, stds and Dirichlet(1) weights (seeded)."""
     if dim < 1 or num_modes < 1:
@@ -131,6 +134,8 @@ def _weights(weights: str | torch.Tensor, k: int) -> torch.Tensor:
     if weights == "uniform":
         return torch.full((k,), 1.0 / k, dtype=torch.float64)
     if weights == "imbalanced":
-        w = torch.logspace(math.log10(0.4), math.log10(0.02), k, dtype=torch.float64) if k > 1 else torch.ones(1)
-        return (w / w.sum()).double()
+        if k == 1:
+            return torch.ones(1, dtype=torch.float64)
+        w = torch.logspace(math.log10(0.4), math.log10(0.02), k, dtype=torch.float64)
+        return w / w.sum()
     raise ValueError(f"weights must be 'uniform', 'imbalanced' or a tensor, got {weights!r}")
