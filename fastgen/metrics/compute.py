@@ -159,14 +159,17 @@ def compute_reference_stats(
     return extract_features(source, features, **kw).reference()
 
 
+def _is_stats(x: object) -> bool:
+    """True for a :class:`ReferenceStats` or a path to a statistics ``.npz``."""
+    if isinstance(x, _io.ReferenceStats):
+        return True
+    return isinstance(x, (str, Path)) and Path(x).suffix == ".npz" and _io.is_stats_file(x)
+
+
 def _reference_stats(reference: Reference, features: Features, kw: dict[str, Any]) -> _io.ReferenceStats:
     if isinstance(reference, _io.ReferenceStats):
         return reference
-    if (
-        isinstance(reference, (str, Path))
-        and Path(reference).suffix == ".npz"
-        and _io.is_stats_file(reference)
-    ):
+    if _is_stats(reference):
         return _io.load_stats(reference)
     return compute_reference_stats(reference, features, desc="reference", **kw)
 
@@ -354,6 +357,7 @@ def evaluate(
     kid_subset_size: int = 1000,
     pr_k: int = 3,
     seed: int = 0,
+    save_stats_to: str | Path | None = None,
     **kw: Any,
 ) -> dict[str, float]:
     """Several metrics in one pass over the samples (features are extracted once).
@@ -361,6 +365,7 @@ def evaluate(
     Args:
         metrics: any of ``"fid"``, ``"is"``, ``"kid"``, ``"pr"`` (precision/recall). KID and P/R need
             reference images (not only statistics).
+        save_stats_to: also write the samples' statistics to this ``.npz``.
         **kw: as :func:`extract_features` (``batch_size``, ``device``, ``inception_weights``, ...).
 
     Returns:
@@ -375,17 +380,24 @@ def evaluate(
     if reference is None and (need_ref_feats or "fid" in metrics):
         raise ValueError("reference is required for fid, kid and pr")
     ex = _pop_extractor(features, kw)
+    if _is_stats(samples):
+        if metrics != ("fid",):
+            raise ValueError("samples given as a statistics file allow only the fid metric")
+        fake_st = _reference_stats(samples, ex, kw)
+        return {
+            "n_samples": float(fake_st.count or 0),
+            "fid": fid_from_stats(fake_st, _reference_stats(reference, ex, kw)),
+        }
     fake = extract_features(
         samples, ex, keep_features=need_ref_feats, keep_logits="is" in metrics, desc="samples", **kw
     )
+    if save_stats_to is not None:
+        st = fake.reference()
+        _io.save_stats(save_stats_to, st.mu, st.sigma, **st.meta)
     out: dict[str, float] = {"n_samples": float(fake.stats.count)}
     ref_set: FeatureSet | None = None
     if need_ref_feats:
-        if isinstance(reference, _io.ReferenceStats) or (
-            isinstance(reference, (str, Path))
-            and Path(reference).suffix == ".npz"
-            and _io.is_stats_file(reference)
-        ):
+        if _is_stats(reference):
             raise ValueError("kid and pr need reference images, not a statistics file")
         ref_set = extract_features(reference, ex, keep_features=True, desc="reference", **kw)
     if "fid" in metrics:
