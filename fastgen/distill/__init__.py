@@ -1,0 +1,25 @@
+"""Distillation: one-step students by f-divergence distribution matching (f-distill; DMD2 = reverse-KL).
+
+- :mod:`fastgen.distill.divergences` -- ``get(name)``, ``alpha(a)``: ``f(r)`` and ``h(r) = r^2 f''(r)``.
+- :mod:`fastgen.distill.ratio` -- logit -> ratio clamps, per-time-bin and batch-mean normalisation.
+- :mod:`fastgen.distill.discriminator` -- feature taps and heads (teacher / fake-score / (x_t, sigma)).
+- :mod:`fastgen.distill.fdistill` -- :class:`FDistill`, the method for the trainer.
+- :mod:`fastgen.distill.student` -- :class:`OneStepStudent`, save/load, :class:`OneStepPipeline`.
+"""
+
+from fastgen.distill import divergences
+from fastgen.distill.fdistill import FDistill, FDistillConfig, dmd_gradient, pseudo_target_loss
+from fastgen.distill.student import OneStepPipeline, OneStepStudent, load_student, save_student, toy_mlp
+
+__all__ = [
+    "divergences",
+    "FDistill",
+    "FDistillConfig",
+    "dmd_gradient",
+    "pseudo_target_loss",
+    "OneStepStudent",
+    "OneStepPipeline",
+    "load_student",
+    "save_student",
+    "toy_mlp",
+]

@@ -1,0 +1,598 @@
+"""f-distill: a one-step student trained by f-divergence distribution matching (DMD2 = reverse-KL).
+
+Networks (see :class:`FDistill`):
+
+- ``teacher`` -- a frozen denoiser ``D(x, sigma, **cond)`` (optionally CFG-guided);
+- ``student`` -- a :class:`~fastgen.distill.student.OneStepStudent` ``G(z, cond)``, by default a copy
+  of the teacher evaluated once at ``sigma_max``: ``x = D_copy(sigma_max z, sigma_max)``;
+- ``fake_score`` -- a trainable denoiser of the student's distribution (by default a teacher copy);
+- ``disc`` -- discriminator head(s) whose logit estimates ``log r``, ``r = p_teacher / q_student``.
+
+Generator step (f-distill card, sections 1, 4, 5), for ``x = G(z)``, ``x_t = x + sigma eps``::
+
+    r   = clip(exp(clamp(mean_heads logit(x_t), -10, 10)), 0.1, 20)          (detached)
+    r~  = r / bin_mean(log sigma)          h~ = h(r~) / mean_batch h(r~)      (detached, all-reduced)
+    g   = h~ * ((x - D_T) - (x - D_fake)) / (mean |x - D_T| + eps)          (DMD2's normalised gradient)
+    L_G = 1/2 mean((x - sg(x - g))^2) + lambda_gan * mean softplus(-logit(x_t))
+
+so ``dL/dx = g / numel``. With ``h = 1`` (reverse-KL) this is DMD2's generator loss bit for bit.
+
+Critic step (section 6): denoising score matching of ``fake_score`` on stop-gradient student samples
+(x0-MSE, optionally EDM-weighted) plus ``disc_weight`` times the logistic loss
+``softplus(logit(fake x_t)) + softplus(-logit(real x_t'))`` (real data noised at an independent
+sigma), plus an optional approximate R1 term.
+
+Schedule: the student is updated every ``student_every``-th step; the critics every step
+(``critic_on_student_steps=True``, DMD2) or only on the other steps (False, FastGen).
+Sigmas are drawn uniformly from indices ``[t_index_lo, t_index_hi]`` of a ``t_grid``-point Karras
+(rho = 7) grid on ``[sigma_min, sigma_max]`` (DMD2: 2...998 of 1000).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgen.core.schedules import karras
+from fastgen.distill import divergences
+from fastgen.distill.discriminator import FeatureDiscriminator, FeatureTap, XSigmaDiscriminator
+from fastgen.distill.ratio import RatioBins, discriminator_loss, logit_to_ratio, normalise_h
+from fastgen.distill.student import OneStepStudent
+
+PLACEMENTS = ("teacher", "fake_score", "input")
+FAKE_WEIGHTINGS = ("none", "edm")
+
+
+@dataclass(frozen=True)
+class FDistillConfig:
+    """Settings of :class:`FDistill` (all validated at construction; the object is immutable).
+
+    Attributes:
+        sample_shape: per-sample shape of the data, e.g. ``(1, 8, 8)`` or ``(2,)`` (required).
+        divergence: a name for :func:`fastgen.distill.divergences.get` (``js``, ``forward_kl``, ...).
+        sigma_min, sigma_max: the diffusion sigma range of the distillation (VE units).
+        student_sigma: sigma at which a denoiser-shaped student is evaluated (default ``sigma_max``).
+        t_grid, t_index_lo, t_index_hi: sigmas are uniform over indices ``lo..hi`` of a Karras grid.
+        lambda_gan: weight of the generator's GAN term (f-distill needs the discriminator trained).
+        disc_weight: weight of the discriminator's logistic loss in the critic loss.
+        r1_weight, r1_noise: approximate R1 penalty ``||l(x) - l(x + r1_noise n)||^2`` on real inputs.
+        student_every: student update every k-th step (k = 5 in DMD2/FastGen).
+        critic_on_student_steps: also update the critics on student steps (DMD2) or not (FastGen).
+        fake_score_weighting: ``"none"`` (x0-MSE, FastGen) or ``"edm"`` (1/sigma^2 + 1/sigma_data^2).
+        sigma_data: data std for the EDM weighting and the (x_t, log sigma) head's input scaling.
+        ratio_bins, ratio_rho: per-time-bin ratio normalisation (bins in log sigma, EMA factor rho).
+        logit_clamp, ratio_clip: clamps of the logit and of r.
+        dmd_eps: added to DMD's per-sample normaliser ``mean |x - D_T|`` (0 = DMD2's official code).
+        placement: where the discriminator reads features: ``"teacher"`` (frozen teacher, FastGen),
+            ``"fake_score"`` (the fake-score backbone, DMD2; the GAN loss then trains it too) or
+            ``"input"`` (an MLP on ``(x_t, log sigma)``, for teachers without features).
+        feature_layers: submodule names (``named_modules()`` keys) of the backbone to tap.
+        disc_hidden: width of the ``"input"`` head.
+        guidance_scale: CFG scale ``w`` of the teacher (1 = unguided): ``D + (w - 1)(D - D_uncond)``.
+        null_label: class label of the unconditional pass, or None to drop ``class_labels``.
+        data_key, label_key: keys of the batch dict; labels are used when present.
+        seed: seed for building the discriminator heads.
+    """
+
+    sample_shape: tuple[int, ...] = ()
+    divergence: str = "js"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    student_sigma: float | None = None
+    t_grid: int = 1000
+    t_index_lo: int = 2
+    t_index_hi: int = 998
+    lambda_gan: float = 1e-3
+    disc_weight: float = 1.0
+    r1_weight: float = 0.0
+    r1_noise: float = 0.1
+    student_every: int = 5
+    critic_on_student_steps: bool = True
+    fake_score_weighting: str = "none"
+    sigma_data: float = 0.5
+    ratio_bins: int = 10
+    ratio_rho: float = 0.0
+    logit_clamp: float = 10.0
+    ratio_clip: tuple[float, float] = (0.1, 20.0)
+    dmd_eps: float = 1e-6
+    placement: str = "teacher"
+    feature_layers: tuple[str, ...] = ()
+    disc_hidden: int = 128
+    guidance_scale: float = 1.0
+    null_label: int | None = None
+    data_key: str = "x"
+    label_key: str = "label"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_shape", tuple(int(s) for s in self.sample_shape))
+        object.__setattr__(self, "feature_layers", tuple(str(s) for s in self.feature_layers))
+        object.__setattr__(self, "ratio_clip", tuple(float(c) for c in self.ratio_clip))
+        if not self.sample_shape or any(s < 1 for s in self.sample_shape):
+            raise ValueError(
+                f"sample_shape must be a non-empty tuple of positive ints, got {self.sample_shape}"
+            )
+        divergences.get(self.divergence)  # raises ValueError naming the accepted divergences
+        if not (0 < self.sigma_min < self.sigma_max):
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
+            )
+        if self.student_sigma is not None and not self.student_sigma > 0:
+            raise ValueError(f"student_sigma must be > 0 or null, got {self.student_sigma}")
+        if self.t_grid < 2 or not (0 <= self.t_index_lo <= self.t_index_hi < self.t_grid):
+            raise ValueError(
+                f"need t_grid >= 2 and 0 <= t_index_lo <= t_index_hi < t_grid, got t_grid={self.t_grid}, "
+                f"t_index_lo={self.t_index_lo}, t_index_hi={self.t_index_hi}"
+            )
+        for name in ("lambda_gan", "disc_weight", "r1_weight", "r1_noise", "dmd_eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if self.student_every < 1:
+            raise ValueError(f"student_every must be >= 1, got {self.student_every}")
+        if self.fake_score_weighting not in FAKE_WEIGHTINGS:
+            raise ValueError(
+                f"fake_score_weighting must be one of {FAKE_WEIGHTINGS}, got {self.fake_score_weighting!r}"
+            )
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.placement != "input" and not self.feature_layers:
+            raise ValueError(
+                f"placement={self.placement!r} needs feature_layers (submodule names of the backbone); "
+                "use placement='input' for teachers without features"
+            )
+        if self.logit_clamp <= 0:
+            raise ValueError(f"logit_clamp must be > 0, got {self.logit_clamp}")
+        lo, hi = self.ratio_clip
+        if not (0 < lo < hi):
+            raise ValueError(f"ratio_clip must be (lo, hi) with 0 < lo < hi, got {self.ratio_clip}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(
+                f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {self.guidance_scale}"
+            )
+        name = divergences.get(self.divergence).name
+        if name not in ("reverse_kl", "alpha:0") and self.disc_weight == 0:
+            raise ValueError(
+                f"divergence={self.divergence!r} weights samples by the ratio r from the discriminator, "
+                "so disc_weight must be > 0 (only reverse_kl works without a trained discriminator)"
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FDistillConfig:
+        """Build from a plain mapping (YAML); unknown keys raise ``ValueError`` listing the accepted ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown f-distill config keys {unknown}; accepted: {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-able copy."""
+        out = asdict(self)
+        out["sample_shape"] = list(self.sample_shape)
+        out["feature_layers"] = list(self.feature_layers)
+        out["ratio_clip"] = list(self.ratio_clip)
+        return out
+
+
+def dmd_gradient(
+    x: torch.Tensor,
+    d_teacher: torch.Tensor,
+    d_fake: torch.Tensor,
+    h_tilde: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    """DMD2's normalised per-sample gradient, weighted by ``h~`` (detached, shape of x).
+
+    ``g = h~ * ((x - D_T) - (x - D_fake)) / (mean_features |x - D_T| + eps)``; ``h~ = None`` means 1.
+    """
+    with torch.no_grad():
+        x = x.detach()
+        p_real = x - d_teacher
+        p_fake = x - d_fake
+        scale = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        if eps:
+            scale = scale + eps
+        g = (p_real - p_fake) / scale
+        if h_tilde is not None:
+            g = h_tilde.to(g.dtype).reshape(-1, *([1] * (x.ndim - 1))) * g
+    return g
+
+
+def pseudo_target_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``1/2 mean((x - sg(x - g))^2)``: its gradient with respect to ``x`` is ``g / x.numel()``."""
+    return 0.5 * F.mse_loss(x.float(), (x - g).detach().float(), reduction="mean")
+
+
+def _check_finite(name: str, t: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(t).all():
+        raise FloatingPointError(f"f-distill: {name} is not finite at step {step}")
+
+
+def _trainable(net: nn.Module, name: str) -> nn.Module:
+    if not any(True for _ in net.parameters()):
+        raise ValueError(
+            f"{name} has no parameters (is the teacher an exact/analytic denoiser?); pass a trainable {name}="
+        )
+    return net.requires_grad_(True)
+
+
+class FDistill:
+    """The f-distill method (implements :class:`fastgen.train.method.Method`).
+
+    Args:
+        teacher: frozen denoiser ``D(x, sigma, **cond)`` (an ``nn.Module``; set to eval, no grad).
+        config: :class:`FDistillConfig` (or a mapping for :meth:`FDistillConfig.from_dict`).
+        student: a :class:`OneStepStudent` (or a generator module ``net(z, **cond)``); default: a copy of
+            the teacher evaluated at ``student_sigma`` (``OneStepStudent(copy(teacher), sigma_max)``).
+        fake_score: trainable denoiser; default: a copy of the teacher.
+        discriminator: optional prebuilt head module (else built from ``placement``/``feature_layers``).
+
+    At construction the student, teacher and fake score are probed on a batch of 2 (with class
+    labels 0 when ``class_conditional``) and shape mismatches, missing feature layers or untrainable
+    nets raise ``ValueError``.
+
+    Networks: ``student`` (EMA'd), ``fake_score``, ``disc``; optimizers ``student`` and ``critic``
+    (fake score + heads); frozen: ``teacher``. Batches are ``{data_key: x (B, *sample_shape),
+    [label_key: labels (B,)]}``; labels are passed as ``class_labels=``.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: FDistillConfig | Mapping[str, Any],
+        student: nn.Module | None = None,
+        fake_score: nn.Module | None = None,
+        discriminator: nn.Module | None = None,
+        class_conditional: bool = False,
+    ) -> None:
+        cfg = config if isinstance(config, FDistillConfig) else FDistillConfig.from_dict(config)
+        self.config = cfg
+        self.div = divergences.get(cfg.divergence)
+        self.class_conditional = bool(class_conditional)
+        s_sigma = cfg.student_sigma if cfg.student_sigma is not None else cfg.sigma_max
+        # Copies first: hooks registered on the teacher below must not be copied into them.
+        if student is None:
+            student = OneStepStudent(_trainable(copy.deepcopy(teacher), "student"), sigma=s_sigma)
+        elif not isinstance(student, OneStepStudent):
+            student = OneStepStudent(student, sigma=None)
+        if fake_score is None:
+            fake_score = copy.deepcopy(teacher)
+        self.student = _trainable(student, "student")
+        self.fake_score = _trainable(fake_score, "fake_score")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.bins = RatioBins(cfg.sigma_min, cfg.sigma_max, cfg.ratio_bins, cfg.ratio_rho)
+        grid = karras(cfg.t_grid, cfg.sigma_min, cfg.sigma_max)[:-1].flip(0).double()  # ascending
+        self.t_sigmas = grid[cfg.t_index_lo : cfg.t_index_hi + 1].float()
+        self.last_logs: dict[str, float] = {}
+        self.tap: FeatureTap | None = None
+        self._probe_and_build(discriminator)
+
+    # ------------------------------------------------------------------ Method protocol
+    def networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "fake_score": self.fake_score, "disc": self.disc}
+
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        return {"student": ["student"], "critic": ["fake_score", "disc"]}
+
+    def ema_networks(self) -> list[str]:
+        return ["student"]
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Non-network state for exact resume: the ratio-bin means."""
+        return {"ratio_bins": self.bins.means.detach().clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "ratio_bins" not in state:
+            raise ValueError("f-distill state must contain 'ratio_bins'")
+        bins = torch.as_tensor(state["ratio_bins"], dtype=torch.float32)
+        if bins.shape != self.bins.means.shape:
+            raise ValueError(
+                f"ratio_bins has shape {tuple(bins.shape)}, expected {tuple(self.bins.means.shape)}"
+            )
+        self.bins.means.copy_(bins)
+
+    def to(self, device: str | torch.device) -> FDistill:
+        """Move every network and the ratio bins to ``device`` (the trainer does this itself)."""
+        for net in (*self.networks().values(), self.teacher):
+            net.to(device)
+        self.bins.to(device)
+        return self
+
+    # ------------------------------------------------------------------ start-up checks
+    def _probe_and_build(self, discriminator: nn.Module | None) -> None:
+        cfg = self.config
+        dev = next((p.device for p in self.student.parameters()), torch.device("cpu"))
+        z = torch.randn((2, *cfg.sample_shape), generator=torch.Generator().manual_seed(0)).to(dev)
+        cond = self._cond(torch.zeros(2, dtype=torch.long, device=dev)) if self.class_conditional else {}
+        sigma = torch.full((2,), float(self.t_sigmas[len(self.t_sigmas) // 2]), device=dev)
+        with torch.no_grad():
+            x = self._call("student", lambda: self.student(z, cond), z.shape)
+            xt = x + sigma.reshape(-1, *([1] * (x.ndim - 1))) * z
+            self._call("teacher", lambda: self.teacher(xt, sigma, **cond), z.shape)
+            self._call("fake_score", lambda: self.fake_score(xt, sigma, **cond), z.shape)
+        if discriminator is not None:
+            self.disc = discriminator
+            if cfg.placement != "input":
+                self.tap = FeatureTap(self._backbone(), cfg.feature_layers)
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if cfg.placement == "input":
+                self.disc = XSigmaDiscriminator(
+                    math.prod(cfg.sample_shape), cfg.disc_hidden, sigma_data=cfg.sigma_data
+                )
+            else:
+                self.tap = FeatureTap(self._backbone(), cfg.feature_layers)
+                self.disc = FeatureDiscriminator.from_probe(self._backbone(), self.tap, xt, sigma, **cond)
+        self.disc.to(dev)
+
+    def _call(self, name: str, fn: Any, shape: torch.Size) -> torch.Tensor:
+        try:
+            out = fn()
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            raise ValueError(
+                f"{name} failed on a probe batch of shape {tuple(shape)} "
+                f"(sample_shape={self.config.sample_shape}): {err}"
+            ) from err
+        if not isinstance(out, torch.Tensor) or out.shape != shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"{name} returned shape {got} for samples of shape {tuple(shape)}; student, teacher and fake "
+                "score must all map (B, *sample_shape) to (B, *sample_shape) with "
+                f"sample_shape={self.config.sample_shape}"
+            )
+        return out
+
+    def _backbone(self) -> nn.Module:
+        return self.teacher if self.config.placement == "teacher" else self.fake_score
+
+    # ------------------------------------------------------------------ pieces
+    def _cond(self, labels: torch.Tensor | None) -> dict[str, Any]:
+        return {"class_labels": labels} if labels is not None else {}
+
+    def sample_sigma(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """``n`` sigmas drawn uniformly from the configured Karras-grid indices."""
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        idx = torch.randint(0, len(self.t_sigmas), (n,), generator=generator, device=gdev)
+        return self.t_sigmas.to(gdev)[idx].to(device)
+
+    def teacher_predict(
+        self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The (CFG-guided when ``guidance_scale != 1``) teacher prediction, detached."""
+        with torch.no_grad():
+            return self._guide(self.teacher(x_t, sigma, **cond), x_t, sigma, cond)
+
+    def _guide(
+        self, d: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]
+    ) -> torch.Tensor:
+        w = self.config.guidance_scale
+        d = d.detach()
+        if w == 1.0:
+            return d
+        uncond = {k: v for k, v in cond.items() if k != "class_labels"}
+        if self.config.null_label is not None and "class_labels" in cond:
+            uncond["class_labels"] = torch.full_like(cond["class_labels"], self.config.null_label)
+        with torch.no_grad():
+            d_u = self.teacher(x_t, sigma, **uncond)
+        return d + (w - 1.0) * (d - d_u)
+
+    def _logits(
+        self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any], net: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Discriminator logits (B, heads) for ``x_t``; also returns ``net``'s prediction when the
+        features come from ``net`` (its backbone pass), else None."""
+        if self.config.placement == "input":
+            return self.disc(x_t, sigma), None
+        assert self.tap is not None
+        with self.tap.capture() as feats:
+            out = net(x_t, sigma, **cond)
+        return self.disc(feats), out
+
+    def _bcast(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+    # ------------------------------------------------------------------ losses
+    def student_loss(
+        self, z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, cond: Mapping[str, Any], step: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator loss for noise ``z``, diffusion sigmas ``sigma`` (B,) and noise ``eps``.
+
+        Returns ``(loss, x)`` where ``x = student(z, cond)`` (with its graph). Fills ``self.last_logs``.
+        """
+        cfg = self.config
+        x = self.student(z, dict(cond))
+        _check_finite("student sample", x.detach(), step)
+        x_t = x + self._bcast(sigma, x) * eps
+        use_gan = cfg.lambda_gan > 0
+        need_r = self.div.name not in ("reverse_kl", "alpha:0")
+        d_fake: torch.Tensor | None = None
+        d_teacher: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+        if use_gan or need_r:
+            with torch.set_grad_enabled(use_gan):
+                src = x_t if use_gan else x_t.detach()
+                if cfg.placement == "teacher":
+                    logits, d_teacher = self._logits(src, sigma, cond, self.teacher)
+                elif cfg.placement == "fake_score":
+                    logits, d_fake = self._logits(src, sigma, cond, self.fake_score)
+                else:
+                    logits, _ = self._logits(src, sigma, cond, self.fake_score)
+        with torch.no_grad():
+            xd = x_t.detach()
+            d_teacher = (
+                self.teacher_predict(xd, sigma, cond)
+                if d_teacher is None
+                else self._guide(d_teacher, xd, sigma, cond)
+            )
+            d_fake = self.fake_score(xd, sigma, **cond) if d_fake is None else d_fake.detach()
+        _check_finite("teacher prediction", d_teacher, step)
+        _check_finite("fake-score prediction", d_fake, step)
+        logs: dict[str, float] = {}
+        if need_r:
+            assert logits is not None
+            r = logit_to_ratio(logits, cfg.logit_clamp, cfg.ratio_clip)
+            self.bins.update(r, sigma)
+            r_t = self.bins.normalise(r, sigma)
+            h = normalise_h(self.div.h(r_t))
+            logs.update(_stats("r", r))
+            logs.update(_stats("r_norm", r_t))
+        else:
+            h = torch.ones(x.shape[0], device=x.device)
+        logs.update(_stats("h", h))
+        g = dmd_gradient(x, d_teacher, d_fake, h, cfg.dmd_eps)
+        loss_dmd = pseudo_target_loss(x, g)
+        loss = loss_dmd
+        logs["loss_dmd"] = float(loss_dmd.detach())
+        logs["grad_x_dmd"] = float(g.norm() / g.numel())
+        if use_gan:
+            assert logits is not None
+            loss_gan = F.softplus(-logits).mean()
+            loss = loss + cfg.lambda_gan * loss_gan
+            logs["loss_gan_g"] = float(loss_gan.detach())
+            if x.requires_grad:
+                (gx,) = torch.autograd.grad(cfg.lambda_gan * loss_gan, x, retain_graph=True)
+                logs["grad_x_gan"] = float(gx.norm())
+        _check_finite("student loss", loss, step)
+        logs["loss_student"] = float(loss.detach())
+        self.last_logs.update(logs)
+        return loss, x
+
+    def critic_loss(
+        self,
+        x_fake: torch.Tensor,
+        sigma: torch.Tensor,
+        eps: torch.Tensor,
+        x_real: torch.Tensor,
+        sigma_real: torch.Tensor,
+        eps_real: torch.Tensor,
+        cond: Mapping[str, Any],
+        r1_noise: torch.Tensor | None = None,
+        step: int = 0,
+    ) -> torch.Tensor:
+        """Fake-score DSM loss on stop-gradient student samples plus the discriminator's loss."""
+        cfg = self.config
+        x_fake = x_fake.detach()
+        x_t = x_fake + self._bcast(sigma, x_fake) * eps
+        xr_t = x_real + self._bcast(sigma_real, x_real) * eps_real
+        if cfg.placement == "fake_score":
+            logit_fake, d_fake = self._logits(x_t, sigma, cond, self.fake_score)
+            logit_real, _ = self._logits(xr_t, sigma_real, cond, self.fake_score)
+        else:
+            d_fake = self.fake_score(x_t, sigma, **cond)
+            with torch.no_grad() if cfg.placement == "teacher" else torch.enable_grad():
+                # frozen-teacher features need no graph: the heads come after them
+                lf = self._features_or_input(x_t, sigma, cond)
+                lr = self._features_or_input(xr_t, sigma_real, cond)
+            logit_fake, logit_real = self._head(lf, x_t, sigma), self._head(lr, xr_t, sigma_real)
+        assert d_fake is not None
+        err = ((d_fake.float() - x_fake.float()) ** 2).mean(dim=tuple(range(1, x_fake.ndim)))
+        if cfg.fake_score_weighting == "edm":
+            s = sigma.float()
+            err = err * (1 / s**2 + 1 / cfg.sigma_data**2)
+        loss_fake = err.mean()
+        loss_d = discriminator_loss(logit_real, logit_fake)
+        loss = loss_fake + cfg.disc_weight * loss_d
+        logs = {
+            "loss_fake_score": float(loss_fake.detach()),
+            "loss_disc": float(loss_d.detach()),
+            "logit_real": float(logit_real.mean().detach()),
+            "logit_fake": float(logit_fake.mean().detach()),
+        }
+        if cfg.r1_weight > 0 and r1_noise is not None:
+            xr_p = xr_t + cfg.r1_noise * r1_noise
+            if cfg.placement == "fake_score":
+                lp, _ = self._logits(xr_p, sigma_real, cond, self.fake_score)
+            else:
+                with torch.no_grad() if cfg.placement == "teacher" else torch.enable_grad():
+                    fp = self._features_or_input(xr_p, sigma_real, cond)
+                lp = self._head(fp, xr_p, sigma_real)
+            r1 = ((logit_real - lp) ** 2).mean()
+            loss = loss + cfg.disc_weight * cfg.r1_weight * r1
+            logs["loss_r1"] = float(r1.detach())
+        _check_finite("fake-score loss", loss_fake, step)
+        _check_finite("discriminator loss", loss_d, step)
+        logs["loss_critic"] = float(loss.detach())
+        self.last_logs.update(logs)
+        return loss
+
+    def _features_or_input(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]) -> Any:
+        if self.config.placement == "input":
+            return None
+        assert self.tap is not None
+        with self.tap.capture() as feats:
+            self.teacher(x_t, sigma, **cond)
+        return {k: v.detach() for k, v in feats.items()}
+
+    def _head(self, feats: Any, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.disc(x_t, sigma) if feats is None else self.disc(feats)
+
+    # ------------------------------------------------------------------ the training step
+    def step(
+        self, batch: Mapping[str, torch.Tensor], step: int, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """One iteration: ``{"student": L_G}`` every ``student_every``-th step, ``{"critic": L_C}``
+        on the other steps (and on student steps too when ``critic_on_student_steps``)."""
+        cfg = self.config
+        if cfg.data_key not in batch:
+            raise ValueError(f"batch has no {cfg.data_key!r} (data_key); keys: {sorted(batch)}")
+        x_real = batch[cfg.data_key]
+        if tuple(x_real.shape[1:]) != cfg.sample_shape:
+            raise ValueError(
+                f"batch[{cfg.data_key!r}] has sample shape {tuple(x_real.shape[1:])}, "
+                f"config sample_shape is {cfg.sample_shape}"
+            )
+        labels = batch.get(cfg.label_key) if self.class_conditional else None
+        if self.class_conditional and labels is None:
+            raise ValueError(f"class_conditional f-distill needs batch[{cfg.label_key!r}] (label_key)")
+        cond = self._cond(labels)
+        n, dev = x_real.shape[0], x_real.device
+        gdev = generator.device
+
+        def randn() -> torch.Tensor:
+            return torch.randn(x_real.shape, generator=generator, device=gdev).to(dev, x_real.dtype)
+
+        self.last_logs = {}
+        out: dict[str, torch.Tensor] = {}
+        z = randn()
+        student_step = step % cfg.student_every == 0
+        x_fake: torch.Tensor | None = None
+        if student_step:
+            sigma, eps = self.sample_sigma(n, generator, dev), randn()
+            out["student"], x = self.student_loss(z, sigma, eps, cond, step)
+            x_fake = x.detach()
+        if not student_step or cfg.critic_on_student_steps:
+            if x_fake is None:
+                with torch.no_grad():
+                    x_fake = self.student(z, dict(cond))
+            sigma, eps = self.sample_sigma(n, generator, dev), randn()
+            sigma_r, eps_r = self.sample_sigma(n, generator, dev), randn()
+            r1n = randn() if cfg.r1_weight > 0 else None
+            out["critic"] = self.critic_loss(x_fake, sigma, eps, x_real, sigma_r, eps_r, cond, r1n, step)
+        return out
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` student samples (B, *sample_shape) from noise drawn with ``generator``."""
+        dev = next((p.device for p in self.student.parameters()), torch.device("cpu"))
+        z = torch.randn((n, *self.config.sample_shape), generator=generator, device=generator.device).to(dev)
+        return self.student(z, self._cond(labels))
+
+
+def _stats(name: str, t: torch.Tensor) -> dict[str, float]:
+    t = t.detach().float()
+    return {f"{name}_min": float(t.min()), f"{name}_mean": float(t.mean()), f"{name}_max": float(t.max())}
+
+
+__all__ = ["FDistill", "FDistillConfig", "dmd_gradient", "pseudo_target_loss", "PLACEMENTS"]

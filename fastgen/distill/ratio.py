@@ -1,0 +1,120 @@
+"""Density ratio ``r = p_teacher / q_student`` from discriminator logits, and its normalisation chain.
+
+The chain (f-distill card, section 4; all detached, float32, all-reduced across processes):
+
+1. :func:`logit_to_ratio` -- mean over heads -> clamp ``[-10, 10]`` -> exp -> clip ``[0.1, 20]`` -> detach.
+2. :class:`RatioBins` -- per-time-bin normalisation ``r~ = r / (b_k + 1e-6)`` with bins equal-width
+   in **log sigma** (not raw sigma, which puts most samples into the first bin) and an EMA
+   ``b_k <- rho b_k + (1 - rho) mean(r | bin k)`` updated only for bins that received samples. The bin
+   buffer is a persistent buffer, so it lands in the checkpoint.
+3. :func:`normalise_h` -- ``h~ = h / mean(h)`` over the global batch (mean clamped below at 1e-6),
+   so ``mean(h~) = 1``; a constant ``h`` (reverse-KL) gives exactly ones.
+4. the DMD per-sample weight ``1 / (mean over features of |x_i - D_teacher,i| + eps)`` is applied in
+   :func:`fastgen.distill.fdistill.dmd_gradient`.
+
+:func:`discriminator_loss` is the logistic loss whose optimum logit is ``log(p/q)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over processes when ``torch.distributed`` is initialised (identity otherwise)."""
+    if _dist_ready():
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def logit_to_ratio(
+    logits: torch.Tensor, logit_clamp: float = 10.0, ratio_clip: tuple[float, float] = (0.1, 20.0)
+) -> torch.Tensor:
+    """Detached ratio ``r`` (B,) float32 from logits ``(B,)`` or ``(B, heads)`` (mean over heads).
+
+    ``r = clip(exp(clamp(mean_heads(logit), -c, c)), lo, hi)``.
+    """
+    if logits.ndim == 2:
+        logits = logits.mean(dim=1)
+    if logits.ndim != 1:
+        raise ValueError(f"logits must have shape (B,) or (B, heads), got {tuple(logits.shape)}")
+    lo, hi = ratio_clip
+    return logits.detach().float().clamp(-logit_clamp, logit_clamp).exp().clamp(lo, hi)
+
+
+def discriminator_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torch.Tensor:
+    """Logistic loss ``mean softplus(-l(real)) + mean softplus(l(fake))``; optimum ``l = log(p/q)``."""
+    return F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
+
+
+class RatioBins(nn.Module):
+    """Per-time-bin ratio normaliser over ``num_bins`` equal-width bins in ``log sigma``.
+
+    Args:
+        sigma_min, sigma_max: the range of diffusion sigmas the method samples (bins span its log).
+        num_bins: number of bins (10 in FastGen).
+        rho: EMA factor of the bin means (0 = use the current batch's bin mean; 0.5 on ImageNet-64).
+        eps: added to the bin mean in the division.
+
+    The buffer ``means`` (num_bins,) starts at 1 and is saved in ``state_dict()``.
+    """
+
+    def __init__(
+        self, sigma_min: float, sigma_max: float, num_bins: int = 10, rho: float = 0.0, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        if not (0 < sigma_min < sigma_max):
+            raise ValueError(f"ratio bins need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if num_bins < 1:
+            raise ValueError(f"ratio_bins must be >= 1, got {num_bins}")
+        if not (0.0 <= rho < 1.0):
+            raise ValueError(f"ratio_rho must be in [0, 1), got {rho}")
+        self.log_min = math.log(sigma_min)
+        self.log_max = math.log(sigma_max)
+        self.num_bins = int(num_bins)
+        self.rho = float(rho)
+        self.eps = float(eps)
+        self.register_buffer("means", torch.ones(num_bins, dtype=torch.float32))
+
+    def bin_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Bin index (long, same shape) of each sigma; out-of-range sigmas go to the end bins."""
+        u = (sigma.detach().double().log() - self.log_min) / (self.log_max - self.log_min)
+        return (u * self.num_bins).floor().long().clamp(0, self.num_bins - 1)
+
+    @torch.no_grad()
+    def update(self, r: torch.Tensor, sigma: torch.Tensor) -> None:
+        """EMA-update the bins that received samples (sums and counts all-reduced across processes)."""
+        idx = self.bin_index(sigma).to(self.means.device)
+        r = r.detach().float().to(self.means.device)
+        sums = torch.zeros(self.num_bins, device=self.means.device).index_add_(0, idx, r)
+        counts = torch.zeros(self.num_bins, device=self.means.device).index_add_(0, idx, torch.ones_like(r))
+        stats = all_reduce_sum(torch.stack([sums, counts]))
+        sums, counts = stats[0], stats[1]
+        hit = counts > 0
+        batch_mean = sums[hit] / counts[hit]
+        self.means[hit] = self.rho * self.means[hit] + (1 - self.rho) * batch_mean
+
+    def normalise(self, r: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``r / (b_k + eps)`` for each sample's bin ``k`` (detached)."""
+        idx = self.bin_index(sigma).to(self.means.device)
+        return (r.detach().float() / (self.means[idx].to(r.device) + self.eps)).detach()
+
+
+def normalise_h(h: torch.Tensor, min_mean: float = 1e-6) -> torch.Tensor:
+    """``h / mean(h)`` (detached, float32) with the mean over the global batch (all processes).
+
+    The mean is clamped below at ``min_mean``; a constant ``h`` gives exactly ones.
+    """
+    h = h.detach().float()
+    stats = all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(h.numel()), device=h.device)]))
+    mean = (stats[0] / stats[1]).clamp_min(min_mean)
+    return h / mean
