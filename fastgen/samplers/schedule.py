@@ -33,7 +33,8 @@ import torch
 
 from fastgen import __version__
 from fastgen.core.schedules import resample, validate_sigmas
-from fastgen.core.solvers import SOLVERS, get_solver, nfe as solver_nfe
+from fastgen.core.solvers import SOLVERS, get_solver
+from fastgen.core.solvers import nfe as solver_nfe
 
 TERMINALS = ("keep", "append", "replace")
 _KNOWN_KEYS = {"sigmas", "solver", "method", "nfe", "model", "objective", "fastgen_version", "eval_sigmas", "meta"}
@@ -175,7 +176,6 @@ class Schedule:
         ``"append"`` keeps the 0.029 knot as an 11th timestep.
         """
         from fastgen.core.denoiser import vp_sigmas_from_config
-
         from fastgen.core.schedules import is_flow_config
 
         if is_flow_config(scheduler_config):
