@@ -210,3 +210,28 @@ def test_nan_is_reported_with_step_and_sigma(name) -> None:
     # check_finite=False lets the NaN through silently
     out = solvers.get_solver(name)(bad, x, sig, check_finite=False)
     assert torch.isnan(out).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference ODE
+# ------------------------------------------------------------------------------------------------
+
+
+def test_reference_trajectory_matches_gaussian_closed_form() -> None:
+    """For N(mu, c^2 I) the flow is x(sigma) = mu + sqrt((c^2 + sigma^2) / (c^2 + sigma_0^2)) (x_0 - mu)."""
+    mix = random_mixture(3, 1, seed=6)
+    mu, c2 = mix.means, float(mix.stds[0]) ** 2
+    x = 20 * torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sig = torch.tensor([20.0, 5.0, 1.0, 0.1, 0.0], dtype=torch.float64)
+    traj = ode.reference_trajectory(mix.denoiser(), x, sig, rtol=1e-10, atol=1e-10, sigma_floor=1e-6)
+    assert traj.shape == (5, 6, 3)
+    torch.testing.assert_close(traj[0], x, rtol=0, atol=0)
+    for k, s in enumerate(sig.tolist()):
+        expected = mu + math.sqrt((c2 + s**2) / (c2 + 400.0)) * (x - mu)
+        torch.testing.assert_close(traj[k], expected, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="rtol and atol must be > 0"):
+        ode.reference_trajectory(mix.denoiser(), x, sig, rtol=0.0)
+    with pytest.raises(ValueError, match=r"sigma_floor must be in \(0, 0.1\)"):
+        ode.reference_trajectory(mix.denoiser(), x, sig, sigma_floor=0.5)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ode.reference_solve(mix.denoiser(), x, 1.0, 2.0)
