@@ -98,7 +98,8 @@ def _proposal(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, grid: int = 129
     tt = lt.exp()
     dens = tt**-2 * gaussian_gap(tt, b[:, None], c)  # t^-3 g dt = t^-2 g d(log t)
     du = (lb - la)[:, None] / (grid - 1)
-    cdf = torch.cat([dens.new_zeros(dens.shape[0], 1), torch.cumsum(0.5 * (dens[:, 1:] + dens[:, :-1]) * du, 1)], 1)
+    steps = torch.cumsum(0.5 * (dens[:, 1:] + dens[:, :-1]) * du, 1)
+    cdf = torch.cat([dens.new_zeros(dens.shape[0], 1), steps], 1)
     z = cdf[:, -1]
     target = u[None, :] * z[:, None]  # (J, M)
     idx = torch.searchsorted(cdf, target.contiguous()).clamp(1, grid - 1)
@@ -149,8 +150,8 @@ def klub_intervals(
     with torch.no_grad():
         for i in range(0, xt.shape[0], chunk):
             sl = slice(i, i + chunk)
-            cc = {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim == 1 and v.shape[0] == xt.shape[0] else v)
-                  for k, v in cond_r.items()}
+            cc = {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim == 1 and v.shape[0] == xt.shape[0]
+                      else v) for k, v in cond_r.items()}
             d1 = denoiser(xt[sl].to(dtype), tb[sl].to(dtype), **cc).double()
             d2 = denoiser(xh[sl].to(dtype), hb[sl].to(dtype), **cc).double()
             sq.append(((d1 - d2) ** 2).reshape(d1.shape[0], -1).sum(1))
@@ -241,7 +242,9 @@ def optimize_ays(
     if not isinstance(iterations, int) or not 1 <= iterations <= 300:
         raise ValueError(f"iterations must be an integer in [1, 300], got {iterations!r}")
     if num_samples < 1 or num_candidates < 2:
-        raise ValueError(f"need num_samples >= 1 and num_candidates >= 2, got {num_samples}, {num_candidates}")
+        raise ValueError(
+            f"need num_samples >= 1 and num_candidates >= 2, got {num_samples}, {num_candidates}"
+        )
     if class_labels is not None and class_labels.shape[0] != data.shape[0]:
         raise ValueError(f"class_labels must have shape ({data.shape[0]},), got {tuple(class_labels.shape)}")
     if init == "karras":
@@ -254,11 +257,12 @@ def optimize_ays(
     if validate is None and val_noise > 0:
         if solver is None or nfe is None:
             raise ValueError("val_noise > 0 needs solver and nfe (the schedule's use) for early stopping")
-        validate = ode_validator(denoiser, data.shape[1:], solver, nfe, val_noise, hi, generator,
-                                 dtype=data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32,
-                                 class_labels=None if class_labels is None else class_labels[
-                                     torch.randint(0, data.shape[0], (val_noise,), generator=generator)],
-                                 **cond)
+        vdtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
+        vcond = dict(cond)
+        if class_labels is not None:
+            vcond["class_labels"] = class_labels[torch.randint(0, data.shape[0], (val_noise,), generator=generator)]
+        validate = ode_validator(denoiser, data.shape[1:], solver, nfe, val_noise, hi, generator, dtype=vdtype,
+                                 **vcond)
     history: list[dict[str, float]] = []
     total = iterations * (subdivisions + 1)
     bar = tqdm(total=total, desc="AYS", disable=not progress, leave=False)

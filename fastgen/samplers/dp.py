@@ -37,7 +37,9 @@ COST_STEPS = ("euler", "heun")
 AUTO_COEFFS = (1.0, 1.1, 1.2, 1.35, 1.5, 2.0)
 
 
-def dp_select_all(cost: torch.Tensor, max_steps: int, coeff: float = 1.0) -> dict[int, tuple[list[int], float]]:
+def dp_select_all(
+    cost: torch.Tensor, max_steps: int, coeff: float = 1.0
+) -> dict[int, tuple[list[int], float]]:
     """Optimal paths ``0 -> K`` through a (K+1, K+1) cost matrix (entries i < j used), for every step
     count 1..max_steps: ``{steps: (node indices incl. 0 and K, total cost)}``.
 
@@ -230,7 +232,8 @@ def dp_schedules(
     out = {}
     for n, cands in candidates.items():
         candidates_all = {tuple(p) for p, *_ in cands}
-        ranked = sorted(cands, key=lambda cand: (score(cand[0]), cand[1]) if len(candidates_all) > 1 else cand[1])
+        multi = len(candidates_all) > 1
+        ranked = sorted(cands, key=lambda cand: (score(cand[0]), cand[1]) if multi else (0.0, cand[1]))
         path, total, met, c = ranked[0]
         out[n] = Schedule(
             grid[path],
@@ -248,6 +251,8 @@ def dp_schedules(
     return out
 
 
-def dp_schedule(denoiser: Callable[..., torch.Tensor], noise: torch.Tensor, nfe: int, **kwargs: Any) -> Schedule:
+def dp_schedule(
+    denoiser: Callable[..., torch.Tensor], noise: torch.Tensor, nfe: int, **kwargs: Any
+) -> Schedule:
     """One DP schedule; see :func:`dp_schedules`."""
     return dp_schedules(denoiser, noise, [nfe], **kwargs)[int(nfe)]

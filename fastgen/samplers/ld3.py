@@ -136,8 +136,8 @@ def learn_ld3(
     steps = steps_within_nfe(solver, nfe)
     if steps < 2:
         raise ValueError(
-            f"nfe={nfe} is too small for solver {solver!r}: it allows {steps} step(s), and a learned schedule "
-            "needs at least 2 steps (one free sigma)"
+            f"nfe={nfe} is too small for solver {solver!r}: it allows {steps} step(s), and a learned "
+            "schedule needs at least 2 steps (one free sigma)"
         )
     lo, hi = _sigma_range(denoiser, sigma_min, sigma_max)
     if not isinstance(noise, torch.Tensor) or noise.ndim < 2 or noise.shape[0] < 2:
@@ -156,7 +156,9 @@ def learn_ld3(
     if targets is None:
         targets = teacher_endpoints(denoiser, x_t, hi, teacher_steps, **cond)
     if targets.shape != noise.shape:
-        raise ValueError(f"targets must have the shape of noise {tuple(noise.shape)}, got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have the shape of noise {tuple(noise.shape)}, got {tuple(targets.shape)}"
+        )
     perm = torch.randperm(m, generator=generator)
     n_train = min(max(1, int(round(m * train_fraction))), m - 1)
     tr, va = perm[:n_train], perm[n_train:]

@@ -37,7 +37,9 @@ from fastgen.core.solvers import SOLVERS, get_solver
 from fastgen.core.solvers import nfe as solver_nfe
 
 TERMINALS = ("keep", "append", "replace")
-_KNOWN_KEYS = {"sigmas", "solver", "method", "nfe", "model", "objective", "fastgen_version", "eval_sigmas", "meta"}
+_KNOWN_KEYS = {
+    "sigmas", "solver", "method", "nfe", "model", "objective", "fastgen_version", "eval_sigmas", "meta"
+}
 
 
 def _check_terminal(terminal: str) -> None:
@@ -195,7 +197,8 @@ class Schedule:
             for i in range(1, len(out)):  # keep them strictly decreasing after rounding
                 if out[i] >= out[i - 1]:
                     raise ValueError(
-                        f"two sigmas map to the same integer timestep {out[i]}; pass rounding=False or use sigmas="
+                        f"two sigmas map to the same integer timestep {out[i]}; "
+                        "pass rounding=False or use sigmas="
                     )
             return out
         return [float(v) for v in t]
