@@ -260,9 +260,10 @@ def optimize_ays(
         vdtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
         vcond = dict(cond)
         if class_labels is not None:
-            vcond["class_labels"] = class_labels[torch.randint(0, data.shape[0], (val_noise,), generator=generator)]
-        validate = ode_validator(denoiser, data.shape[1:], solver, nfe, val_noise, hi, generator, dtype=vdtype,
-                                 **vcond)
+            pick = torch.randint(0, data.shape[0], (val_noise,), generator=generator)
+            vcond["class_labels"] = class_labels[pick]
+        validate = ode_validator(denoiser, data.shape[1:], solver, nfe, val_noise, hi, generator,
+                                 dtype=vdtype, **vcond)
     history: list[dict[str, float]] = []
     total = iterations * (subdivisions + 1)
     bar = tqdm(total=total, desc="AYS", disable=not progress, leave=False)
