@@ -26,6 +26,6 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _fixed_seed():
     torch.manual_seed(0)
     yield
