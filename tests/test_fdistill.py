@@ -1,0 +1,375 @@
+"""FDistill: DMD2 equivalence for reverse-KL, ratio estimator, toy distillation, start-up checks, students."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgen.core.denoiser import EDMDenoiser
+from fastgen.data.toy import ring_mixture
+from fastgen.distill import (
+    FDistill,
+    FDistillConfig,
+    OneStepPipeline,
+    OneStepStudent,
+    load_student,
+    save_student,
+)
+from fastgen.distill.discriminator import XSigmaDiscriminator
+from fastgen.distill.ratio import discriminator_loss
+from fastgen.distill.student import toy_mlp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny_models import tiny_unet  # noqa: E402
+
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic)."""
+    a, b = a.double(), b.double()
+    return float(2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean())
+
+
+def local_loop(method: FDistill, sample_batch, steps: int, lr: float, seed: int = 0) -> None:
+    """The trainer protocol in miniature: per returned loss, zero all grads, backprop, step its optimizer."""
+    nets = method.networks()
+    opts = {
+        name: torch.optim.Adam([p for n in group for p in nets[n].parameters()], lr=lr, betas=(0.0, 0.99))
+        for name, group in method.optimizer_groups().items()
+    }
+    g = torch.Generator().manual_seed(seed)
+    for it in range(steps):
+        for name, loss in method.step(sample_batch(g), it, g).items():
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+
+
+def _toy_teacher(dim: int = 4, seed: int = 0) -> EDMDenoiser:
+    torch.manual_seed(seed)
+    return toy_mlp(dim, 32, 2, edm=True)
+
+
+# ----------------------------------------------------------------------------- DMD2 equivalence
+
+
+def _dmd2_reference_generator_loss(student, teacher, fake, disc, z, sigma, eps, gan_weight):
+    """DMD2's generator loss, transcribed from the official code (edm_guidance.py /
+    compute_distribution_matching_loss + compute_generator_clean_cls_loss), no f-weight."""
+    latents = student(z)
+    noisy = latents + sigma.reshape(-1, 1) * eps
+    with torch.no_grad():
+        pred_fake_image = fake(noisy.detach(), sigma)
+        pred_real_image = teacher(noisy.detach(), sigma)
+        p_real = latents.detach() - pred_real_image
+        p_fake = latents.detach() - pred_fake_image
+        weight_factor = torch.abs(p_real).mean(dim=[1], keepdim=True)
+        grad = (p_real - p_fake) / weight_factor
+    loss_dm = 0.5 * F.mse_loss(latents, (latents - grad).detach(), reduction="mean")
+    logits = disc(noisy, sigma)
+    return loss_dm + gan_weight * F.softplus(-logits).mean()
+
+
+@pytest.mark.parametrize("gan_weight", [0.0, 1e-2])
+def test_reverse_kl_student_update_equals_dmd2_bit_for_bit(gan_weight):
+    teacher = _toy_teacher(seed=0)
+    fake = _toy_teacher(seed=1)
+    cfg = FDistillConfig(
+        sample_shape=(4,),
+        divergence="reverse_kl",
+        placement="input",
+        lambda_gan=gan_weight,
+        dmd_eps=0.0,
+        sigma_max=80.0,
+    )
+    m = FDistill(teacher, cfg, fake_score=fake)
+    g = torch.Generator().manual_seed(3)
+    z, eps = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+    sigma = m.sample_sigma(16, g, torch.device("cpu"))
+    loss, _ = m.student_loss(z, sigma, eps, {})
+    params = list(m.student.parameters())
+    grads = torch.autograd.grad(loss, params)
+    ref = _dmd2_reference_generator_loss(m.student, teacher, fake, m.disc, z, sigma, eps, gan_weight)
+    ref_grads = torch.autograd.grad(ref, params)
+    assert torch.equal(loss, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert m.last_logs["h_min"] == m.last_logs["h_max"] == 1.0
+    # a non-constant divergence changes the update on the same batch
+    m_js = FDistill(teacher, cfg.__class__(**{**cfg.to_dict(), "divergence": "js"}), fake_score=fake)
+    m_js.disc.load_state_dict(m.disc.state_dict())
+    with torch.no_grad():
+        m_js.disc.body[-1].bias.add_(torch.linspace(0, 1, 1))
+        for p in m_js.disc.body[0].parameters():
+            p.mul_(5)
+    loss_js, _ = m_js.student_loss(z, sigma, eps, {})
+    assert not torch.equal(loss_js, loss)
+
+
+# ----------------------------------------------------------------------------- ratio estimator
+
+
+def test_ratio_estimator_recovers_gaussian_log_ratio():
+    """A BCE-trained logit on p = N(0,1) (real) vs q = N(1,1) (fake) tracks log p/q = 1/2 - x."""
+    torch.manual_seed(0)
+    disc = XSigmaDiscriminator(1, hidden=64, depth=2)
+    opt = torch.optim.Adam(disc.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.full((1024,), 1.0)
+    for _ in range(700):
+        real = torch.randn(1024, 1, generator=g)
+        fake = torch.randn(1024, 1, generator=g) + 1
+        loss = discriminator_loss(disc(real, sigma), disc(fake, sigma))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = torch.linspace(-2, 3, 201).reshape(-1, 1)  # held-out grid
+    with torch.no_grad():
+        est = disc(x, torch.full((201,), 1.0))[:, 0]
+    true = 0.5 - x[:, 0]
+    corr = torch.corrcoef(torch.stack([est, true]))[0, 1]
+    assert corr > 0.99
+    inner = (x[:, 0] >= -1.5) & (x[:, 0] <= 2.5)
+    assert (est - true)[inner].abs().max() < 0.3
+    assert (est - true).abs().max() < 0.6
+
+
+# ----------------------------------------------------------------------------- toy distillation
+
+
+def test_gmm_distillation_moves_student_toward_the_mixture():
+    """Exact mixture teacher, MLP fake score (fitted to the initial student first), MLP generator."""
+    gm = ring_mixture()
+    torch.manual_seed(0)
+    student = OneStepStudent(toy_mlp(2, 128, 3))
+    fake = toy_mlp(2, 128, 3, edm=True)
+    cfg = FDistillConfig(
+        sample_shape=(2,),
+        divergence="js",
+        sigma_min=0.02,
+        sigma_max=10.0,
+        placement="input",
+        lambda_gan=1e-3,
+        student_every=2,
+        t_index_lo=0,
+        t_index_hi=999,
+    )
+    m = FDistill(gm.denoiser().float(), cfg, student=student, fake_score=fake)
+    ref, _ = gm.sample(1500, torch.Generator().manual_seed(123))
+
+    def batch(g):
+        return {"x": gm.sample(256, g)[0]}
+
+    # fit the fake score to the initial student: critic-only steps (student_every larger than the run)
+    warm = FDistill(
+        gm.denoiser().float(),
+        FDistillConfig(**{**cfg.to_dict(), "student_every": 10**9}),
+        student=student,
+        fake_score=fake,
+        discriminator=m.disc,
+    )
+    local_loop(warm, batch, 100, lr=1e-3, seed=1)
+    before = energy_distance(m.sample(1500, torch.Generator().manual_seed(7)), ref)
+    local_loop(m, batch, 601, lr=1e-3)  # ends on a student step (600 % 2 == 0)
+    after = energy_distance(m.sample(1500, torch.Generator().manual_seed(7)), ref)
+    assert before > 1.0
+    print(f"energy distance {before:.4f} -> {after:.4f}")
+    assert after < 0.15 * before
+    logs = m.last_logs
+    for key in (
+        "r_min",
+        "r_mean",
+        "r_max",
+        "h_min",
+        "h_mean",
+        "h_max",
+        "loss_dmd",
+        "loss_gan_g",
+        "grad_x_dmd",
+        "loss_fake_score",
+        "loss_disc",
+    ):
+        assert key in logs
+    assert 0.1 <= logs["r_min"] <= logs["r_max"] <= 20.0
+    assert abs(logs["h_mean"] - 1) < 1e-5
+    state = m.state_dict()
+    assert set(state) == {"ratio_bins"} and not torch.equal(state["ratio_bins"], torch.ones(10))
+
+
+# ----------------------------------------------------------------------------- schedule, state, guidance
+
+
+def test_step_schedule_and_state_roundtrip():
+    m = FDistill(
+        _toy_teacher(),
+        FDistillConfig(sample_shape=(4,), placement="input", student_every=3, critic_on_student_steps=False),
+    )
+    g = torch.Generator().manual_seed(0)
+    keys = [list(m.step({"x": torch.randn(8, 4)}, i, g)) for i in range(4)]
+    assert keys == [["student"], ["critic"], ["critic"], ["student"]]
+    assert m.optimizer_groups() == {"student": ["student"], "critic": ["fake_score", "disc"]}
+    assert m.ema_networks() == ["student"] and set(m.frozen()) == {"teacher"}
+    st = {"ratio_bins": torch.arange(10.0)}
+    m.load_state_dict(st)
+    assert torch.equal(m.state_dict()["ratio_bins"], st["ratio_bins"])
+    with pytest.raises(ValueError, match="ratio_bins"):
+        m.load_state_dict({"ratio_bins": torch.ones(3)})
+
+
+def test_cfg_guided_teacher_and_class_conditioning():
+    gm = ring_mixture()
+    teacher = gm.denoiser().float()
+    student = OneStepStudent(toy_mlp(2, 32, 2, num_classes=8))
+    fake = toy_mlp(2, 32, 2, edm=True, num_classes=8)
+    cfg = FDistillConfig(sample_shape=(2,), placement="input", guidance_scale=2.5, sigma_max=10.0)
+    m = FDistill(teacher, cfg, student=student, fake_score=fake, class_conditional=True)
+    x, sig = torch.randn(5, 2), torch.full((5,), 1.3)
+    lab = torch.tensor([0, 1, 2, 3, 4])
+    cond_d, uncond_d = teacher(x, sig, class_labels=lab), teacher(x, sig)
+    torch.testing.assert_close(
+        m.teacher_predict(x, sig, {"class_labels": lab}), cond_d + 1.5 * (cond_d - uncond_d)
+    )
+    out = m.step({"x": torch.randn(6, 2), "label": torch.arange(6)}, 0, torch.Generator().manual_seed(0))
+    assert set(out) == {"student", "critic"}
+    with pytest.raises(ValueError, match="label"):
+        m.step({"x": torch.randn(6, 2)}, 0, torch.Generator())
+
+
+def test_nan_is_reported_with_where_it_appeared():
+    class NaNTeacher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.armed = False
+
+        def forward(self, x, sigma, **_):
+            return x * float("nan") if self.armed else x * self.w
+
+    t = NaNTeacher()
+    m = FDistill(
+        t,
+        FDistillConfig(sample_shape=(3,), placement="input", divergence="rkl"),
+        student=OneStepStudent(toy_mlp(3, 16, 1)),
+        fake_score=toy_mlp(3, 16, 1, edm=True),
+    )
+    t.armed = True
+    with pytest.raises(FloatingPointError, match="teacher prediction is not finite at step 5"):
+        m.step({"x": torch.randn(4, 3)}, 5, torch.Generator())
+
+
+# ----------------------------------------------------------------------------- start-up errors
+
+
+def test_bad_configs_fail_at_startup():
+    with pytest.raises(ValueError, match="unknown divergence 'kld'"):
+        FDistillConfig(sample_shape=(2,), divergence="kld", placement="input")
+    with pytest.raises(ValueError, match="placement"):
+        FDistillConfig(sample_shape=(2,), placement="decoder")
+    with pytest.raises(ValueError, match="feature_layers"):
+        FDistillConfig(sample_shape=(2,), placement="teacher")
+    with pytest.raises(ValueError, match="unknown f-distill config keys \\['lr'\\]"):
+        FDistillConfig.from_dict({"sample_shape": [2], "lr": 1e-4})
+    with pytest.raises(ValueError, match="disc_weight"):
+        FDistillConfig(sample_shape=(2,), placement="input", divergence="js", disc_weight=0.0)
+    with pytest.raises(ValueError, match="sample_shape"):
+        FDistillConfig(placement="input")
+    gm_teacher = ring_mixture().denoiser().float()
+    # student/teacher shape mismatch: a 3-d generator against a 2-d teacher
+    with pytest.raises(ValueError, match="teacher"):
+        FDistill(
+            gm_teacher,
+            FDistillConfig(sample_shape=(3,), placement="input"),
+            student=OneStepStudent(toy_mlp(3)),
+            fake_score=toy_mlp(3, edm=True),
+        )
+    # an exact teacher has no parameters to copy into a student
+    with pytest.raises(ValueError, match="student has no parameters"):
+        FDistill(gm_teacher, FDistillConfig(sample_shape=(2,), placement="input"))
+    unet_teacher = EDMDenoiser(tiny_unet(channels=1))
+    with pytest.raises(ValueError, match="net.mid'\\] are not submodules"):
+        FDistill(
+            unet_teacher,
+            FDistillConfig(sample_shape=(1, 8, 8), placement="teacher", feature_layers=["net.mid"]),
+        )
+    with pytest.raises(ValueError, match="student failed on a probe batch"):
+        FDistill(
+            unet_teacher,
+            FDistillConfig(sample_shape=(3, 8, 8), placement="teacher", feature_layers=["net.mid_block"]),
+        )
+
+
+# ----------------------------------------------------------------------------- feature placement
+
+
+@pytest.mark.parametrize("placement", ["teacher", "fake_score"])
+def test_feature_heads_on_a_diffusers_unet(placement):
+    """Heads on UNet2DModel features; the GAN term reaches the student through the tapped backbone."""
+    teacher = EDMDenoiser(tiny_unet(channels=1))
+    layers = ["net.mid_block", "net.down_blocks.0"]
+    cfg = FDistillConfig(
+        sample_shape=(1, 8, 8),
+        placement=placement,
+        feature_layers=layers,
+        lambda_gan=1.0,
+        divergence="forward_kl",
+    )
+    m = FDistill(teacher, cfg)
+    assert len(m.disc.heads) == 2
+    # the student starts as the teacher evaluated at sigma_max
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(m.student(z), teacher(80 * z, 80.0))
+    g = torch.Generator().manual_seed(0)
+    z, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    sigma = m.sample_sigma(4, g, torch.device("cpu"))
+    loss, _ = m.student_loss(z, sigma, eps, {})
+    assert m.last_logs["loss_dmd"] == 0.0  # fake score = teacher at start: only the GAN term acts
+    grads = torch.autograd.grad(loss, list(m.student.parameters()), allow_unused=True)
+    assert sum(float(gr.abs().sum()) for gr in grads if gr is not None) > 0
+    critic = m.critic_loss(m.student(z).detach(), sigma, eps, torch.randn(4, 1, 8, 8), sigma, eps, {})
+    head_grads = torch.autograd.grad(critic, list(m.disc.parameters()))
+    assert all(torch.isfinite(gr).all() for gr in head_grads)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+# ----------------------------------------------------------------------------- students
+
+
+def test_student_save_load_and_pipeline(tmp_path):
+    net = toy_mlp(4, 16, 2, num_classes=3)
+    recipe = {
+        "builder": "fastgen.distill.student:toy_mlp",
+        "kwargs": {"dim": 4, "hidden": 16, "depth": 2, "num_classes": 3},
+    }
+    student = OneStepStudent(net, recipe=recipe)
+    save_student(student, tmp_path / "s", (4,), {"divergence": "js"})
+    loaded, doc = load_student(tmp_path / "s.safetensors")
+    assert doc["metadata"] == {"divergence": "js"} and doc["sample_shape"] == [4]
+    z, lab = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        assert torch.equal(loaded(z, lab), student(z, lab))
+    pipe = OneStepPipeline.from_pretrained(tmp_path / "s")
+    a = pipe(5, class_labels=lab, generator=torch.Generator().manual_seed(1)).images
+    b = pipe(5, class_labels=lab, generator=torch.Generator().manual_seed(1)).images
+    assert a.shape == (5, 4) and torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(a, student(torch.randn(5, 4, generator=torch.Generator().manual_seed(1)), lab))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "fastgen-one-step-student", "net": {"builder": "os:system"}}')
+    (tmp_path / "bad.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="inside the fastgen package"):
+        load_student(tmp_path / "bad")
+
+
+def test_pipeline_image_outputs():
+    denoiser = EDMDenoiser(tiny_unet(channels=1))
+    pipe = OneStepPipeline(OneStepStudent(denoiser, sigma=80.0), (1, 8, 8))
+    out = pipe(3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (3, 8, 8, 1) and out.min() >= 0 and out.max() <= 1
+    pil = pipe(2, output_type="pil").images
+    assert len(pil) == 2 and pil[0].size == (8, 8)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(1, output_type="latent")
