@@ -1,0 +1,22 @@
+"""Training: the accelerate :class:`Trainer`, run configs, and the methods it trains.
+
+See ``docs/training.md``. Methods implement :class:`fastgen.train.method.Method`; configs are
+:class:`fastgen.train.config.TrainConfig` (YAML in ``configs/train/``).
+"""
+
+from fastgen.train.config import DataConfig, EMAConfig, OptimConfig, TrainConfig, load_config
+from fastgen.train.method import Method, build_method, register_method
+from fastgen.train.trainer import Trainer, TrainingDiverged
+
+__all__ = [
+    "Trainer",
+    "TrainingDiverged",
+    "TrainConfig",
+    "DataConfig",
+    "OptimConfig",
+    "EMAConfig",
+    "load_config",
+    "Method",
+    "build_method",
+    "register_method",
+]

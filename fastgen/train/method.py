@@ -48,3 +48,66 @@ class Method(Protocol):
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Method registry: how a YAML config's ``method: {name: ..., ...}`` becomes a Method.
+# --------------------------------------------------------------------------------------------
+
+#: Built-in method names -> ``"module:factory"``. A factory is ``factory(cfg: TrainConfig) -> Method``
+#: (it builds its own networks, typically with ``fastgen.models.nets.build_network(**cfg.network)``
+#: and the method kwargs ``method_kwargs(cfg)``). Modules are imported only when the name is used, so
+#: a name whose module does not exist yet simply fails when requested.
+BUILTIN_METHODS: dict[str, str] = {
+    "edm": "fastgen.train.edm:from_config",
+    "flow": "fastgen.train.flow:from_config",
+    "shortcut": "fastgen.train.shortcut:from_config",
+    "gft": "fastgen.train.gft:from_config",
+    "fdistill": "fastgen.distill.fdistill:from_config",
+}
+
+_REGISTRY: dict[str, Any] = {}
+
+
+def register_method(name: str, factory: Any) -> None:
+    """Register ``factory(cfg) -> Method`` under ``name`` (overrides a built-in of that name)."""
+    _REGISTRY[name] = factory
+
+
+def method_kwargs(cfg: Any) -> dict[str, Any]:
+    """The ``method`` section of a config without its ``name``: the method's keyword arguments."""
+    return {k: v for k, v in cfg.method.items() if k != "name"}
+
+
+def build_method(cfg: Any) -> Method:
+    """Build the method a config names: a registered name, a built-in name, or ``"module:factory"``."""
+    import importlib
+
+    name = cfg.method["name"]
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        target = BUILTIN_METHODS.get(name, name if ":" in name else None)
+        if target is None:
+            raise ValueError(
+                f"method.name must be one of {sorted(set(BUILTIN_METHODS) | set(_REGISTRY))} or "
+                f"'module:factory', got {name!r}"
+            )
+        module, _, attr = target.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"method {name!r}: cannot import {target!r} ({err})") from err
+    return factory(cfg)
+
+
+def check_kwargs(fn: Any, kwargs: dict[str, Any], what: str) -> None:
+    """Raise ``ValueError`` naming keys of ``kwargs`` that ``fn`` does not accept."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p not in ("self", "net")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {unknown}; accepted: {accepted}")

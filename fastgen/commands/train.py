@@ -1,0 +1,38 @@
+"""``fastgen train CONFIG [--set key=value ...]``: run a training config with fastgen's trainer.
+
+Multi-process: ``accelerate launch --num_processes 2 [--cpu] -m fastgen.cli train CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model from a YAML config (configs/train/*.yaml)",
+        description="Train with fastgen's accelerate trainer. The run directory (output_dir) receives "
+        "config.yaml, metrics.jsonl and checkpoints/; re-running resumes from the latest checkpoint.",
+    )
+    p.add_argument("config", help="YAML run config, e.g. configs/train/digits-edm.yaml")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value (dotted key, YAML value), e.g. --set steps=2000 --set optim.lr=3e-4",
+    )
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastgen.train import Trainer, load_config
+
+    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
+    records = trainer.train()
+    if trainer.acc.is_main_process:
+        last = records[-1] if records else {}
+        losses = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("loss/"))
+        print(f"trained {cfg.name} to step {trainer.step} ({losses}); checkpoints in {trainer.ckpt_root}")
+    return 0

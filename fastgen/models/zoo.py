@@ -1,0 +1,194 @@
+"""The model zoo: embedded models loaded by name, no downloads.
+
+A model ``NAME`` is three files in ``fastgen/models/weights/`` (or another folder passed as ``weights_dir``):
+
+- ``NAME.safetensors``: the network's state dict (float16 or float32; loaded as float32 by default);
+- ``NAME.json``: ``{"network": {"kind": ..., **build_network kwargs}, "denoiser": {"type": ..., **kwargs}}``
+  where ``type`` is ``"edm"`` (EDM preconditioning, kwargs ``sigma_data``, ``sigma_min``, ``sigma_max``),
+  ``"flow"`` (a rectified-flow velocity net, :class:`fastgen.train.flow.FlowVelocityDenoiser`),
+  ``"raw"`` (the network itself) or ``"module:factory"`` with ``factory(net, **kwargs) -> denoiser``
+  (how the shortcut and GFT models plug in their own wrappers). Extra top-level keys (training
+  provenance, FD reached, ...) are allowed and ignored by the loader;
+- ``NAME.md``: the model card (config, seed, steps, wall time, FD_digits reached).
+
+``load(name)`` returns the denoiser in eval mode with gradients off; EDM-contract models are called as
+``D(x, sigma, class_labels=labels_or_None)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastgen.models.nets import build_network
+
+__all__ = ["WEIGHTS_DIR", "list_models", "load", "load_network", "model_info", "model_card", "export_model"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def _dir(weights_dir: str | Path | None) -> Path:
+    return Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+
+
+def list_models(weights_dir: str | Path | None = None) -> list[str]:
+    """Names with a ``.safetensors`` + ``.json`` pair whose JSON has a ``network`` section."""
+    d = _dir(weights_dir)
+    names = []
+    for js in sorted(d.glob("*.json")):
+        if not (d / f"{js.stem}.safetensors").is_file():
+            continue
+        try:
+            if "network" in json.loads(js.read_text()):
+                names.append(js.stem)
+        except json.JSONDecodeError:
+            continue
+    return names
+
+
+def model_info(name: str, weights_dir: str | Path | None = None) -> dict[str, Any]:
+    """The parsed ``NAME.json``; ``ValueError`` naming the available models when ``name`` is unknown."""
+    d = _dir(weights_dir)
+    js, st = d / f"{name}.json", d / f"{name}.safetensors"
+    if not (js.is_file() and st.is_file()):
+        raise ValueError(f"unknown model {name!r}; available: {list_models(weights_dir)} (in {str(d)!r})")
+    try:
+        info = json.loads(js.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model config {str(js)!r} is not valid JSON: {err}") from err
+    if "network" not in info or "kind" not in info["network"]:
+        raise ValueError(f"model config {str(js)!r} needs a 'network' section with a 'kind'")
+    return info
+
+
+def model_card(name: str, weights_dir: str | Path | None = None) -> str:
+    """The text of ``NAME.md`` ('' when there is none)."""
+    p = _dir(weights_dir) / f"{name}.md"
+    return p.read_text() if p.is_file() else ""
+
+
+def load_network(
+    name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    weights_dir: str | Path | None = None,
+) -> nn.Module:
+    """The bare network of model ``name`` with its weights (eval mode, no gradients)."""
+    info = model_info(name, weights_dir)
+    net_kw = dict(info["network"])
+    net = build_network(net_kw.pop("kind"), **net_kw)
+    path = _dir(weights_dir) / f"{name}.safetensors"
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"cannot read weights {str(path)!r}: {err}") from err
+    try:
+        net.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    except RuntimeError as err:
+        raise ValueError(f"weights {str(path)!r} do not fit the network in {name}.json: {err}") from err
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _wrap(net: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    spec = dict(spec)
+    kind = spec.pop("type", "edm")
+    if kind == "edm":
+        from fastgen.core.denoiser import EDMDenoiser
+
+        return EDMDenoiser(net, **spec)
+    if kind == "flow":
+        from fastgen.train.flow import FlowVelocityDenoiser
+
+        return FlowVelocityDenoiser(net)
+    if kind == "raw":
+        return net
+    if ":" in kind:
+        module, _, attr = kind.partition(":")
+        return getattr(importlib.import_module(module), attr)(net, **spec)
+    raise ValueError(f"denoiser type must be 'edm', 'flow', 'raw' or 'module:factory', got {kind!r}")
+
+
+def load(
+    name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    weights_dir: str | Path | None = None,
+) -> nn.Module:
+    """A ready model by name, e.g. ``load("digits-edm")``: an EDM-contract denoiser
+    ``D(x (B,1,8,8), sigma, class_labels=(B,) int64 or None) -> x0_hat`` in eval mode, gradients off."""
+    info = model_info(name, weights_dir)
+    net = load_network(name, device, dtype, weights_dir)
+    model = _wrap(net, info.get("denoiser", {"type": "edm"}))
+    return model.to(device=device).eval().requires_grad_(False)
+
+
+def export_model(
+    net: nn.Module,
+    name: str,
+    network: dict[str, Any],
+    denoiser: dict[str, Any],
+    card: str = "",
+    extra: dict[str, Any] | None = None,
+    weights_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write ``NAME.safetensors`` (``net``'s state dict in ``dtype``), ``NAME.json`` and ``NAME.md``."""
+    d = _dir(weights_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in net.state_dict().items()
+    }
+    save_file(state, str(d / f"{name}.safetensors"))
+    info = {"network": network, "denoiser": denoiser, **(extra or {})}
+    (d / f"{name}.json").write_text(json.dumps(info, indent=1) + "\n")
+    if card:
+        (d / f"{name}.md").write_text(card)
+    return d / f"{name}.safetensors"
+
+
+def ema_state_from_checkpoint(ckpt_dir: str | Path, network: str = "net") -> dict[str, torch.Tensor]:
+    """The EMA weights of ``network`` from a trainer checkpoint directory (keys of the bare network)."""
+    from fastgen.train.checkpoint import read_checkpoint
+
+    tensors, _ = read_checkpoint(ckpt_dir)
+    prefix = f"ema/{network}.module."
+    out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"checkpoint {str(ckpt_dir)!r} holds no EMA of network {network!r}")
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:  # pragma: no cover - used by scripts/
+    p = argparse.ArgumentParser(description="Export a run's EMA network into the model zoo.")
+    p.add_argument("cmd", choices=["export"])
+    p.add_argument("run_dir")
+    p.add_argument("name")
+    p.add_argument("--config", required=True)
+    p.add_argument("--weights-dir", default=None)
+    a = p.parse_args(argv)
+    from fastgen.train.checkpoint import latest_checkpoint
+    from fastgen.train.config import load_config
+
+    cfg = load_config(a.config)
+    ck = latest_checkpoint(Path(a.run_dir) / "checkpoints")
+    if ck is None:
+        raise FileNotFoundError(f"no checkpoint under {a.run_dir!r}")
+    net_kw = dict(cfg.network)
+    net = build_network(net_kw.pop("kind"), **net_kw)
+    net.load_state_dict(ema_state_from_checkpoint(ck))
+    kind = cfg.method["name"]
+    den = {"type": kind}
+    if kind == "edm":
+        den["sigma_data"] = cfg.method.get("sigma_data", 0.5)
+    out = export_model(net, a.name, cfg.network, den, weights_dir=a.weights_dir,
+                       extra={"checkpoint": str(ck), "method": cfg.method})
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

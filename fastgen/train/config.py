@@ -1,0 +1,222 @@
+"""Training run configuration: YAML files that map 1:1 to dataclasses.
+
+A YAML file has the fields of :class:`TrainConfig`; the nested sections ``data``, ``optim`` and ``ema``
+are dataclasses too, while ``network`` (kwargs of :func:`fastgen.models.nets.build_network`, plus
+``kind``) and ``method`` (``name`` plus the method's kwargs) are free dicts validated by whoever consumes
+them. Unknown keys in the dataclass sections raise ``ValueError`` naming the key and the accepted ones.
+
+Overrides use dotted keys with YAML-parsed values: ``--set steps=2000 --set optim.lr=3e-4
+--set method.label_dropout=0.2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "EMAConfig",
+    "TrainConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "save_config",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from. ``name``: ``"digits"`` (images ``(N,1,8,8)`` in [-1, 1] and labels),
+    ``"mixture"`` (``num_samples`` points pre-drawn with ``seed`` from a :mod:`fastgen.data.toy`
+    mixture; labels are the component indices) or ``"none"`` (methods that draw their own inputs; the
+    batch is ``{"index": (B,) int64}``)."""
+
+    name: str = "digits"
+    split: str = "train"  # digits: train | test | all
+    flatten: bool = False  # digits: (N, 64) instead of (N, 1, 8, 8)
+    mixture: str = "ring"  # mixture: ring | grid | random
+    mixture_options: dict[str, Any] = field(default_factory=dict)  # kwargs of ring_mixture / ...
+    num_samples: int = 65536  # mixture / none: size of one epoch
+    seed: int = 0  # mixture: seed of the pre-drawn points
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings, shared by every optimizer unless overridden per name in ``groups``
+    (e.g. ``groups: {critic: {lr: 1e-4}}``). The learning rate rises linearly over ``warmup_steps``;
+    ``grad_clip`` is a max global grad norm per optimizer (``null`` disables)."""
+
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class EMAConfig:
+    """EMA of the method's ``ema_networks()``. With ``warmup`` the decay at update n is
+    ``min(decay, (1 + n) / (10 + n))``. ``every``: update every k optimizer steps."""
+
+    decay: float = 0.999
+    warmup: bool = True
+    every: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    ``batch_size`` is the *global* batch per optimizer step. It is split into ``micro_batches`` equal
+    shards (default: one per process); each process runs ``micro_batches / num_processes`` of them with
+    gradient accumulation. Every shard's randomness comes from a generator seeded by
+    ``(seed, step, shard)``, so the loss curve depends only on the config, not on how many processes run it.
+    """
+
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 256
+    micro_batches: int | None = None
+    mixed_precision: str = "no"  # no | bf16
+    cpu: bool = False  # force CPU even where a GPU exists
+    num_threads: int | None = None  # torch.set_num_threads per process (None: leave as is)
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest checkpoint in output_dir if any) | none | <checkpoint dir>
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    network: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp"})
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "edm"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("steps", self.steps >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("micro_batches", self.micro_batches is None or self.micro_batches >= 1, ">= 1 or null"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("mixed_precision", self.mixed_precision in ("no", "bf16"), "'no' or 'bf16'"),
+            ("ema.decay", 0 <= self.ema.decay < 1, "in [0, 1)"),
+            ("ema.every", self.ema.every >= 1, ">= 1"),
+            ("optim.lr", self.optim.lr > 0, "> 0"),
+            ("optim.warmup_steps", self.optim.warmup_steps >= 0, ">= 0"),
+            ("data.name", self.data.name in ("digits", "mixture", "none"), "'digits', 'mixture' or 'none'"),
+        ]
+        for name, ok, accepted in checks:
+            if not ok:
+                raise ValueError(f"config: {name} must be {accepted}")
+        if "kind" not in self.network:
+            raise ValueError("config: network must have a 'kind' (e.g. 'mlp' or 'unet')")
+        if "name" not in self.method:
+            raise ValueError("config: method must have a 'name' (e.g. 'edm' or 'flow')")
+
+
+def _hint_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_hint_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {where or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(
+            f"config: unknown key(s) {[prefix + k for k in unknown]}; accepted in "
+            f"{where or 'the top level'}: {names}"
+        )
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        hint = hints[k]
+        key = f"{where}.{k}" if where else k
+        if dataclasses.is_dataclass(hint):
+            kwargs[k] = _build(hint, v or {}, key)
+            continue
+        if not _hint_ok(v, hint):
+            raise ValueError(f"config: {key} must be of type {hint}, got {v!r}")
+        if hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in
+                             typing.get_args(hint)):
+            v = float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a nested dict, rejecting unknown keys by name."""
+    return _build(TrainConfig, data, "")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The nested plain-dict form (what :func:`save_config` writes)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys, YAML values) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"--set key must be a dotted name like optim.lr, got {key!r}")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML run config and apply ``--set`` style overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {str(p)!r}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {str(p)!r} is not valid YAML: {err}") from err
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the config as YAML (round-trips through :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

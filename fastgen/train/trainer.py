@@ -1,0 +1,432 @@
+"""The accelerate trainer: runs any :class:`~fastgen.train.method.Method` on CPU or GPU, 1 or N processes.
+
+What the trainer owns (the method owns networks and losses, see :mod:`fastgen.train.method`):
+
+- **Devices and processes** through ``accelerate.Accelerator`` (``accelerate launch --num_processes N``,
+  ``--cpu`` for gloo). Gradients are averaged across processes with one all-reduce per optimizer step
+  (mathematically DDP; the method keeps calling its own un-wrapped modules, so methods with several
+  losses and networks need no DDP plumbing). FSDP sharding is not supported.
+- **Batches:** ``cfg.batch_size`` rows per optimizer step (global), drawn without replacement from an
+  epoch permutation seeded by ``(seed, epoch)``; the data position is ``step * batch_size`` rows. The global
+  batch is split into ``micro_batches`` contiguous shards (default one per process) that the processes
+  share round-robin-free (process p runs shards ``p*A .. p*A+A-1`` with ``A`` accumulation steps).
+- **Randomness:** shard ``i`` of step ``s`` gets a CPU ``torch.Generator`` seeded from ``(seed, s, i)``
+  (passed to ``method.step``) and the global torch seed is set from the same triple, so neither the
+  process count nor a resume changes any random number.
+- **Optimisation:** AdamW per optimizer group, linear lr warm-up, global-norm gradient clipping,
+  mixed precision (``bf16`` autocast), EMA (:mod:`fastgen.train.ema`) of ``method.ema_networks()``.
+- **Safety:** a non-finite loss stops the run *before* the optimizer step with
+  :class:`TrainingDiverged` naming the step and the last good checkpoint (which is kept).
+- **Records:** atomic checkpoints (:mod:`fastgen.train.checkpoint`) every ``checkpoint_every`` steps and
+  at the end, exact resume, a tqdm bar and a JSONL metrics log ``<output_dir>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastgen.train import checkpoint as ckpt
+from fastgen.train.config import TrainConfig, config_to_dict, save_config
+from fastgen.train.ema import make_ema
+from fastgen.train.method import Method, build_method
+
+__all__ = ["Trainer", "TrainingDiverged", "build_dataset", "shard_seed"]
+
+
+class TrainingDiverged(FloatingPointError, ValueError):
+    """A loss became NaN/Inf; ``step`` is the optimizer step, ``checkpoint`` the last good one (or None)."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+def shard_seed(seed: int, step: int, shard: int) -> int:
+    """A 63-bit seed for shard ``shard`` of optimizer step ``step`` (splitmix64-style mixing)."""
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + shard * 0x94D049BB133111EB + 1) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
+
+
+def build_dataset(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The in-memory training set named by ``cfg.data`` as a dict of equal-length tensors."""
+    d = cfg.data
+    if d.name == "digits":
+        from fastgen.data import load_digits_split
+
+        split = load_digits_split(d.split)
+        x = split.images.reshape(len(split), -1) if d.flatten else split.images
+        return {"x": x.float(), "label": split.labels.long()}
+    if d.name == "mixture":
+        from fastgen.data import toy
+
+        builders = {"ring": toy.ring_mixture, "grid": toy.grid_mixture, "random": toy.random_mixture}
+        if d.mixture not in builders:
+            raise ValueError(f"data.mixture must be one of {sorted(builders)}, got {d.mixture!r}")
+        try:
+            mix = builders[d.mixture](**d.mixture_options)
+        except TypeError as err:
+            raise ValueError(f"data.mixture_options do not fit {d.mixture!r}: {err}") from err
+        g = torch.Generator().manual_seed(d.seed)
+        x, labels = mix.sample(d.num_samples, generator=g)
+        return {"x": x.float(), "label": labels.long()}
+    if d.name == "none":
+        return {"index": torch.arange(d.num_samples)}
+    raise ValueError(f"data.name must be 'digits', 'mixture' or 'none', got {d.name!r}")
+
+
+def _global_indices(n: int, seed: int, step: int, batch_size: int) -> torch.Tensor:
+    """Row indices of step ``step``'s global batch: epoch permutations seeded by ``(seed, epoch)``."""
+    start = step * batch_size
+    out = []
+    pos = start
+    while pos < start + batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(shard_seed(seed, epoch, 2**20)))
+        take = min(n - offset, start + batch_size - pos)
+        out.append(perm[offset : offset + take])
+        pos += take
+    return torch.cat(out)
+
+
+class Trainer:
+    """Train ``method`` (or the method ``cfg.method`` names) as configured by ``cfg``.
+
+    Args:
+        cfg: the run configuration (:class:`~fastgen.train.config.TrainConfig`).
+        method: a ready method; default ``build_method(cfg)``.
+        dataset: dict of equal-length tensors (rows are sampled from it); default ``build_dataset(cfg)``.
+        accelerator: an ``accelerate.Accelerator``; default one built from ``cfg`` (``cpu``, mixed precision).
+
+    ``train()`` runs to ``cfg.steps`` (resuming per ``cfg.resume``) and returns the list of logged records.
+    After training, ``trainer.ema[name].module`` is the EMA network and ``trainer.method`` the method.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        method: Method | None = None,
+        dataset: Mapping[str, torch.Tensor] | None = None,
+        accelerator: Any | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(int(cfg.num_threads))
+        self.acc = accelerator or Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+        self.device = self.acc.device
+        self.world = self.acc.num_processes
+        self.rank = self.acc.process_index
+        micro = cfg.micro_batches or self.world
+        if micro % self.world:
+            raise ValueError(
+                f"micro_batches ({micro}) must be a multiple of the number of processes ({self.world})"
+            )
+        if cfg.batch_size % micro:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by micro_batches ({micro})")
+        self.micro = micro
+        self.accum = micro // self.world
+        set_seed(cfg.seed)  # network initialisation is identical on every process
+        self.method = method if method is not None else build_method(cfg)
+        data = dict(dataset) if dataset is not None else build_dataset(cfg)
+        if not data:
+            raise ValueError("dataset must contain at least one tensor")
+        lengths = {k: int(v.shape[0]) for k, v in data.items()}
+        if len(set(lengths.values())) != 1 or min(lengths.values()) < 1:
+            raise ValueError(f"dataset tensors must be non-empty with equal lengths, got {lengths}")
+        self.n_data = next(iter(lengths.values()))
+        self.data = {k: v.to(self.device) for k, v in data.items()}
+
+        nets = dict(self.method.networks())
+        for m in nets.values():
+            m.to(self.device).train()
+        for m in self.method.frozen().values():
+            m.to(self.device).eval().requires_grad_(False)
+        self.networks = nets
+        groups = dict(self.method.optimizer_groups())
+        self.opt_params: dict[str, list[nn.Parameter]] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for oname, net_names in groups.items():
+            missing = [n for n in net_names if n not in nets]
+            if missing:
+                raise ValueError(
+                    f"optimizer group {oname!r} names unknown networks {missing}; have {list(nets)}"
+                )
+            params = [p for n in net_names for p in nets[n].parameters() if p.requires_grad]
+            o = self._optim_settings(oname)
+            self.opt_params[oname] = params
+            self.optimizers[oname] = torch.optim.AdamW(
+                params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"]
+            )
+        unknown_groups = sorted(set(cfg.optim.groups) - set(groups))
+        if unknown_groups:
+            raise ValueError(f"optim.groups names unknown optimizers {unknown_groups}; have {sorted(groups)}")
+        self.ema = {
+            n: make_ema(nets[n], cfg.ema.decay, cfg.ema.warmup) for n in self.method.ema_networks()
+        }
+        self.step = 0
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.last_checkpoint: Path | None = None
+        self.log_path = self.out / "metrics.jsonl"
+
+    # ------------------------------------------------------------------------------------------
+    def _optim_settings(self, name: str) -> dict[str, Any]:
+        o = self.cfg.optim
+        base = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay,
+                "warmup_steps": o.warmup_steps, "grad_clip": o.grad_clip}
+        over = dict(o.groups.get(name, {}))
+        unknown = sorted(set(over) - set(base))
+        if unknown:
+            raise ValueError(f"optim.groups.{name}: unknown key(s) {unknown}; accepted: {sorted(base)}")
+        base.update(over)
+        return base
+
+    def lr_at(self, name: str, step: int) -> float:
+        """Learning rate of optimizer ``name`` at (0-based) step ``step``: linear warm-up, then constant."""
+        o = self._optim_settings(name)
+        w = int(o["warmup_steps"])
+        return float(o["lr"]) * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
+
+    # ------------------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the training state under checkpoint names."""
+        t: dict[str, torch.Tensor] = {}
+        for n, m in self.networks.items():
+            t.update({f"net/{n}.{k}": v for k, v in m.state_dict().items()})
+        for n, e in self.ema.items():
+            t.update({f"ema/{n}.{k}": v for k, v in e.state_dict().items()})
+        for k, v in self.method.state_dict().items():
+            t[f"method/{k}"] = v
+        return t
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (main process only); returns its directory."""
+        path = None
+        if self.acc.is_main_process:
+            tensors = self.state_tensors()
+            optim_meta = {}
+            for name, opt in self.optimizers.items():
+                ot, meta = ckpt.optimizer_to_flat(opt, f"optim/{name}")
+                tensors.update(ot)
+                optim_meta[name] = meta
+            state = {
+                "data": {"rows_consumed": self.step * self.cfg.batch_size, "n_data": self.n_data},
+                "optim": optim_meta,
+                "config": config_to_dict(self.cfg),
+                "num_processes": self.world,
+            }
+            path = ckpt.write_checkpoint(self.ckpt_root, self.step, tensors, state)
+            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        self.last_checkpoint = self.ckpt_root / ckpt.checkpoint_dir_name(self.step)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore networks, EMA, optimizers, method state and the data position from ``path``."""
+        tensors, state = ckpt.read_checkpoint(path)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            for n, m in self.networks.items():
+                m.load_state_dict(part(f"net/{n}."))
+            for n, e in self.ema.items():
+                e.load_state_dict(part(f"ema/{n}."))
+            self.method.load_state_dict({k: v.to(self.device) for k, v in part("method/").items()})
+            for name, opt in self.optimizers.items():
+                ckpt.optimizer_from_flat(opt, tensors, state["optim"][name], f"optim/{name}")
+        except (RuntimeError, KeyError) as err:
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not fit this run's method/networks: {err}"
+            ) from err
+        if state["data"]["n_data"] != self.n_data:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was trained on {state['data']['n_data']} rows, "
+                f"this data has {self.n_data}"
+            )
+        self.step = int(state["step"])
+        self.last_checkpoint = Path(path)
+
+    def _maybe_resume(self) -> None:
+        r = self.cfg.resume
+        if r == "none":
+            return
+        path = ckpt.latest_checkpoint(self.ckpt_root) if r == "auto" else Path(r)
+        if path is not None:
+            self.load_checkpoint(path)
+
+    # ------------------------------------------------------------------------------------------
+    def _all_params(self) -> list[nn.Parameter]:
+        return [p for m in self.networks.values() for p in m.parameters()]
+
+    def _reduce_sum(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        return flat
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (all micro-batches of this process); returns the logged scalars."""
+        cfg, step = self.cfg, self.step
+        rows = _global_indices(self.n_data, cfg.seed, step, cfg.batch_size)
+        shard_size = cfg.batch_size // self.micro
+        params = self._all_params()
+        stash: dict[str, list[torch.Tensor | None]] = {}
+        loss_sum: dict[str, torch.Tensor] = {}
+        extra: dict[str, float] = {}
+        order: list[str] = []
+        for j in range(self.accum):
+            shard = self.rank * self.accum + j
+            idx = rows[shard * shard_size : (shard + 1) * shard_size].to(self.device)
+            batch = {k: v[idx] for k, v in self.data.items()}
+            seed = shard_seed(cfg.seed, step, shard)
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            with self.acc.autocast():
+                losses = self.method.step(batch, step, gen)
+            if not losses:
+                raise ValueError(f"method.step returned no losses at step {step}")
+            for name in losses:
+                if name not in self.optimizers:
+                    raise ValueError(
+                        f"method.step returned loss {name!r}; optimizers are {list(self.optimizers)}"
+                    )
+                if name not in order:
+                    order.append(name)
+            for k, v in getattr(self.method, "last_logs", {}).items():
+                extra[k] = extra.get(k, 0.0) + float(v) / self.accum
+            for name, loss in losses.items():
+                for p in params:
+                    p.grad = None
+                loss_sum[name] = loss_sum.get(name, 0.0) + loss.detach().float()
+                if torch.isfinite(loss):
+                    loss.backward()
+                grads = stash.setdefault(name, [None] * len(self.opt_params[name]))
+                for i, p in enumerate(self.opt_params[name]):
+                    if p.grad is not None:
+                        grads[i] = p.grad.detach().clone() if grads[i] is None else grads[i] + p.grad
+        for p in params:
+            p.grad = None
+        # reduce losses (and check finiteness) across processes
+        names = order
+        lvec = self._reduce_sum(torch.stack([loss_sum[n] for n in names]).to(self.device)) / self.micro
+        logs = {f"loss/{n}": float(lvec[i]) for i, n in enumerate(names)}
+        bad = [n for i, n in enumerate(names) if not math.isfinite(float(lvec[i]))]
+        if bad:
+            where = str(self.last_checkpoint) if self.last_checkpoint else "none (none written yet)"
+            raise TrainingDiverged(
+                f"loss {bad[0]!r} is {float(lvec[names.index(bad[0])])} at step {step}; the run stopped "
+                f"before updating the weights; last good checkpoint: {where}",
+                step,
+                self.last_checkpoint,
+            )
+        for name in names:
+            ps = self.opt_params[name]
+            grads = stash[name]
+            o = self._optim_settings(name)
+            if self.world > 1:
+                mask = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=self.device)
+                self._reduce_sum(mask)
+                flat = torch.cat([
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, ps)
+                ])
+                self._reduce_sum(flat)
+                off = 0
+                for i, p in enumerate(ps):
+                    n = p.numel()
+                    p.grad = flat[off : off + n].view_as(p) / self.micro if mask[i] > 0 else None
+                    off += n
+            else:
+                for g, p in zip(grads, ps):
+                    p.grad = None if g is None else g / self.micro
+            if o["grad_clip"] is not None:
+                with_grad = [p for p in ps if p.grad is not None]
+                gn = torch.nn.utils.clip_grad_norm_(with_grad, float(o["grad_clip"]))
+                logs[f"grad_norm/{name}"] = float(gn)
+            lr = self.lr_at(name, step)
+            for g in self.optimizers[name].param_groups:
+                g["lr"] = lr
+            logs[f"lr/{name}"] = lr
+            self.optimizers[name].step()
+            for p in ps:
+                p.grad = None
+        if (step + 1) % cfg.ema.every == 0:
+            for n, e in self.ema.items():
+                e.update_parameters(self.networks[n])
+        logs.update(extra)
+        self.step = step + 1
+        return logs
+
+    def _truncate_log(self) -> None:
+        if not (self.acc.is_main_process and self.log_path.is_file()):
+            return
+        keep = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue
+        self.log_path.write_text("".join(k + "\n" for k in keep))
+
+    def train(self, callback: Callable[[Trainer, dict[str, float]], None] | None = None) -> list[dict]:
+        """Run (or resume) to ``cfg.steps``. ``callback(trainer, logs)`` runs after every step."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self._maybe_resume()
+        self._truncate_log()
+        records: list[dict] = []
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.acc.is_main_process),
+            desc=cfg.name, dynamic_ncols=True,
+        )
+        t0, s0 = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                logs = self.train_step()
+                bar.update(1)
+                if callback is not None:
+                    callback(self, logs)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = time.perf_counter() - t0
+                    rec = {"step": self.step, **logs,
+                           "samples_per_s": (self.step - s0) * cfg.batch_size / max(dt, 1e-9),
+                           "wall_s": dt}
+                    records.append(rec)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
+                    if self.acc.is_main_process:
+                        with open(self.log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        return records
+
+    def ema_network(self, name: str = "net") -> nn.Module:
+        """The EMA copy of network ``name`` (the raw network if it has no EMA)."""
+        return self.ema[name].module if name in self.ema else self.networks[name]
+
+
+def _env_threads() -> None:  # pragma: no cover - convenience for scripts
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
