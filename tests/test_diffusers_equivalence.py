@@ -333,3 +333,17 @@ def test_vp_adapter_rejects_wrong_sigma_shape(unet) -> None:
     den = from_diffusers(unet, vp_scheduler_config())
     with pytest.raises(ValueError, match=r"sigma must be a scalar or have shape \(2,\)"):
         den(_noise(2, 2, 8, 8), torch.ones(3))
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_training_table_matches_euler_scheduler(zero_snr) -> None:
+    """The adapter's sigma table is Euler's (zero terminal SNR: alpha_bar[-1] = 2**-24, as Diffusers does)."""
+    from diffusers import EulerDiscreteScheduler
+
+    cfg = vp_scheduler_config("scaled_linear", rescale_betas_zero_snr=zero_snr)
+    table = vp_sigmas_from_config(cfg)
+    euler = EulerDiscreteScheduler.from_config(cfg)
+    assert torch.isfinite(table).all() and bool((table.diff() > 0).all())
+    torch.testing.assert_close(table.float(), euler.sigmas[:-1].flip(0), rtol=1e-6, atol=0)
+    if zero_snr:
+        assert float(table[-1]) == pytest.approx(2.0**12, rel=1e-6)  # sqrt((1 - 2^-24) / 2^-24)
