@@ -93,6 +93,8 @@ def load_stats(path: str | Path) -> ReferenceStats:
             mu = np.asarray(f["mu"], dtype=np.float64)
             sigma = np.asarray(f["sigma"], dtype=np.float64)
             meta = {k: str(f[k]) for k in f.files if k not in ("mu", "sigma") and f[k].ndim == 0}
+    except FileNotFoundError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ValueError(f"{path} is a corrupt .npz file ({err})") from err
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
@@ -129,6 +131,8 @@ def load_npz_images(path: str | Path) -> torch.Tensor:
                         f"{path}: no image array found (looked for {IMAGE_KEYS}, keys are {sorted(f.files)})"
                     )
             arr = f[key]
+    except FileNotFoundError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ValueError(f"{path} is a corrupt .npz file ({err})") from err
     return _to_nchw(arr, str(path))
