@@ -19,8 +19,9 @@ State spaces (config ``state_space``; :func:`resolve_state_space` picks the defa
   ``1000 t``. Default for flow-matching configs (Flux/SD3). Flow time t = 1 (VE sigma = inf) is
   capped at ``FLOW_SIGMA_MAX`` (t = 1000/1001): the initial latent is taken as the state at that sigma.
 
-All maths runs in float32 (float64 for float64 samples) and the result is cast back to the sample
-dtype. Jump noise comes only from the ``generator`` given to ``step`` or stored with
+All maths runs in float32 (float64 for float64 samples, and always in flow mode, where the VE state at
+sigma = 1000 would lose about 1e-4 relative precision in float32); the result is cast back to the
+sample dtype. Jump noise comes only from the ``generator`` given to ``step`` or stored with
 :meth:`PlanSchedulerMixin.set_generator` (Flux-style pipelines do not pass one to ``step``).
 """
 
@@ -62,7 +63,7 @@ class SchedulerStepOutput(BaseOutput):
 
 
 def resolve_state_space(config: Any, state_space: str | None = None) -> str:
-    """``state_space`` if given, else "flow" for flow-matching configs, "vp" for DDPMScheduler configs, "ve"."""
+    """``state_space`` if given; else "flow" (flow-matching configs), "vp" (DDPMScheduler configs) or "ve"."""
     if state_space is not None:
         if state_space not in STATE_SPACES:
             raise ValueError(f"state_space must be one of {STATE_SPACES} or None, got {state_space!r}")
@@ -70,7 +71,8 @@ def resolve_state_space(config: Any, state_space: str | None = None) -> str:
     cfg = dict(config or {})
     if is_flow_config(cfg):
         return "flow"
-    return "vp" if cfg.get("_class_name") == "DDPMScheduler" else "ve"
+    ddpm_like = isinstance(cfg.get("variance_type"), str) and "clip_sample" in cfg and "set_alpha_to_one" not in cfg
+    return "vp" if cfg.get("_class_name") == "DDPMScheduler" or ddpm_like else "ve"
 
 
 @dataclass
@@ -506,7 +508,9 @@ class PlanSchedulerMixin:
         calls = self._calls
         if c >= len(calls):
             raise ValueError(f"step called {c + 1} times for a plan of {len(calls)} calls; call set_timesteps again")
-        cdt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        # flow mode: VE arithmetic at sigma up to FLOW_SIGMA_MAX = 1000 loses ~1e-4 in float32, use float64
+        wide = sample.dtype == torch.float64 or self.config.state_space == "flow"
+        cdt = torch.float64 if wide else torch.float32
         state = sample.to(cdt)
         sigma = calls.sigmas[c]
         f = self._to_ve_factor(sigma)

@@ -317,7 +317,9 @@ def get_preset(name: str) -> RestartPreset:
 
 
 def draw_noise(x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x`` drawn from ``generator`` (on its device), in x's dtype.
+    """Standard normal noise shaped like ``x`` drawn from ``generator`` (on its device), cast to x's dtype.
+
+    Always drawn in float32, so float32 and float64 runs with the same generator see the same noise.
 
     A list of generators draws one sample per batch element (Diffusers' convention). The scheduler and
     :func:`restart_sample` both use this, so equal generators give equal jumps.
@@ -327,7 +329,7 @@ def draw_noise(x: torch.Tensor, generator: torch.Generator | list[torch.Generato
             raise ValueError(f"generator list has {len(generator)} entries for a batch of {x.shape[0]}")
         return torch.cat([draw_noise(x[i : i + 1], g) for i, g in enumerate(generator)])
     dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)
 
 
 def jump(x: torch.Tensor, lo: float, hi: float, s_noise: float, generator: Any) -> torch.Tensor:
