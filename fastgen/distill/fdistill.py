@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.core.denoiser import EDMDenoiser
 from fastgen.core.schedules import karras
 from fastgen.distill import divergences
 from fastgen.distill.discriminator import FeatureDiscriminator, FeatureTap, XSigmaDiscriminator
@@ -596,3 +597,128 @@ def _stats(name: str, t: torch.Tensor) -> dict[str, float]:
 
 
 __all__ = ["FDistill", "FDistillConfig", "dmd_gradient", "pseudo_target_loss", "PLACEMENTS"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from a run config (fastgen.train.method.build_method -> "fdistill")
+# ---------------------------------------------------------------------------------------------
+
+
+def build_teacher(spec: Any) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The frozen teacher named by a config's ``method.teacher`` and the student recipe it implies.
+
+    ``spec`` is one of:
+
+    - ``"digits-edm"`` or ``{"kind": "zoo", "name": "digits-edm"}``: a model of :mod:`fastgen.models.zoo`;
+    - ``{"kind": "mixture", "mixture": "ring" | "grid" | "random", "options": {...}}``: an exact mixture;
+    - ``{"kind": "diffusers", "path": DIR, "model_class": "UNet2DModel", "subfolder": "unet",
+      "scheduler_config": DIR/scheduler/scheduler_config.json or a dict, "prediction_type": null}``:
+      a local Diffusers model (safetensors only, never downloaded) as a VP/flow denoiser.
+
+    Returns ``(teacher, recipe)`` where ``recipe = {"network": ..., "wrap": ...}`` rebuilds a
+    teacher-shaped network for saving the student (None for exact teachers).
+    """
+    import json
+    from pathlib import Path
+
+    if isinstance(spec, str):
+        spec = {"kind": "zoo", "name": spec}
+    if not isinstance(spec, Mapping) or "kind" not in spec:
+        raise ValueError(
+            "method.teacher must be a zoo model name or a mapping with kind: zoo | mixture | diffusers, "
+            f"got {spec!r}"
+        )
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind == "zoo":
+        from fastgen.models import zoo
+
+        name = spec.get("name")
+        info = zoo.model_info(name)  # ValueError naming the available models
+        return zoo.load(name), {"network": info["network"], "wrap": info.get("denoiser", {"type": "edm"})}
+    if kind == "mixture":
+        from fastgen.data import toy
+
+        builders = {"ring": toy.ring_mixture, "grid": toy.grid_mixture, "random": toy.random_mixture}
+        which = spec.get("mixture", "ring")
+        if which not in builders:
+            raise ValueError(f"method.teacher.mixture must be one of {sorted(builders)}, got {which!r}")
+        return builders[which](**dict(spec.get("options", {}))).denoiser().float(), None
+    if kind == "diffusers":
+        import diffusers
+
+        from fastgen.core.denoiser import from_diffusers
+
+        path = Path(str(spec.get("path", "")))
+        if not path.is_dir():
+            raise FileNotFoundError(f"method.teacher.path: Diffusers model folder not found: {str(path)!r}")
+        cls_name = spec.get("model_class", "UNet2DModel")
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            raise ValueError(f"method.teacher.model_class {cls_name!r} is not a Diffusers model class")
+        sub = spec.get("subfolder", "unet")
+        model = cls.from_pretrained(str(path), subfolder=sub, use_safetensors=True, local_files_only=True)
+        sched = spec.get("scheduler_config", str(path / "scheduler" / "scheduler_config.json"))
+        if not isinstance(sched, Mapping):
+            sp = Path(str(sched))
+            if not sp.is_file():
+                raise FileNotFoundError(f"method.teacher.scheduler_config not found: {str(sp)!r}")
+            sched = json.loads(sp.read_text())
+        pred = spec.get("prediction_type")
+        teacher = from_diffusers(model, dict(sched), prediction_type=pred)
+        recipe = {
+            "network": {
+                "builder": "fastgen.distill.student:diffusers_model",
+                "kwargs": {"model_class": cls_name, "config": dict(model.config)},
+            },
+            "wrap": {"type": "diffusers", "scheduler_config": dict(sched), "prediction_type": pred},
+        }
+        return teacher, recipe
+    raise ValueError(f"method.teacher.kind must be 'zoo', 'mixture' or 'diffusers', got {kind!r}")
+
+
+def from_config(cfg: Any) -> FDistill:
+    """Build :class:`FDistill` from a :class:`fastgen.train.config.TrainConfig`.
+
+    ``cfg.method`` holds ``name: fdistill``, ``teacher`` (see :func:`build_teacher`), optional
+    ``class_conditional`` (default: true for digits data) and any :class:`FDistillConfig` field.
+    ``sample_shape`` defaults to the data's (``(1, 8, 8)`` or ``(64,)`` for digits, ``(d,)`` for a
+    mixture); ``sigma_min``/``sigma_max`` default to the teacher's range when it declares one.
+    For teachers without parameters (exact mixtures) the student and the fake score are EDM-wrapped
+    ``cfg.network`` nets (``fastgen.models.nets.build_network``), the student a fresh one evaluated at
+    ``student_sigma``.
+    """
+    from fastgen.models.nets import build_network
+
+    kw = {k: v for k, v in cfg.method.items() if k != "name"}
+    if "teacher" not in kw:
+        raise ValueError("method.teacher is required (a zoo name such as 'digits-edm', or a mapping)")
+    teacher, recipe = build_teacher(kw.pop("teacher"))
+    class_conditional = bool(kw.pop("class_conditional", cfg.data.name == "digits"))
+    if "sample_shape" not in kw:
+        if cfg.data.name == "digits":
+            kw["sample_shape"] = (64,) if cfg.data.flatten else (1, 8, 8)
+        elif cfg.data.name == "mixture":
+            from fastgen.train.trainer import build_dataset
+
+            kw["sample_shape"] = tuple(build_dataset(cfg)["x"].shape[1:])
+        else:
+            raise ValueError("method.sample_shape is required when data.name is 'none'")
+    for key in ("sigma_min", "sigma_max"):
+        v = getattr(teacher, key, None)
+        if key not in kw and v is not None:
+            kw[key] = float(v)
+    fcfg = FDistillConfig.from_dict(kw)
+    s_sigma = fcfg.student_sigma if fcfg.student_sigma is not None else fcfg.sigma_max
+    student = fake = None
+    if not any(True for _ in teacher.parameters()):
+        kind = cfg.network["kind"]
+        net_kw = {k: v for k, v in cfg.network.items() if k != "kind"}
+        recipe = {"network": dict(cfg.network), "wrap": {"type": "edm", "sigma_data": fcfg.sigma_data}}
+        student_net = EDMDenoiser(build_network(kind, **net_kw), sigma_data=fcfg.sigma_data)
+        student = OneStepStudent(student_net, s_sigma, recipe)
+        fake = EDMDenoiser(build_network(kind, **net_kw), sigma_data=fcfg.sigma_data)
+    method = FDistill(teacher, fcfg, student=student, fake_score=fake, class_conditional=class_conditional)
+    if method.student.recipe is None:
+        method.student.recipe = recipe
+    return method

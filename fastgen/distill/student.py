@@ -38,8 +38,8 @@ class OneStepStudent(nn.Module):
     Args:
         net: a denoiser ``D(x, sigma, **cond)`` when ``sigma`` is given, else a generator ``net(z, **cond)``.
         sigma: the noise level at which the denoiser is evaluated (``x = D(sigma z, sigma)``), or None.
-        recipe: optional JSON-able dict ``{"builder": "fastgen.mod:fn", "kwargs": {...}, "wrap": ...}``
-            that rebuilds ``net`` (needed by :func:`save_student`/:func:`load_student`).
+        recipe: optional JSON-able ``{"network": <recipe>, "wrap": <spec or None>}`` that rebuilds ``net``
+            (see :func:`build_network_from_recipe`, :func:`wrap_network`; needed by :func:`save_student`).
 
     ``forward(z, cond=None, **kw)``: ``cond`` may be a class-label tensor (passed as
     ``class_labels=``) or a mapping of keyword conditions.
@@ -118,25 +118,72 @@ def toy_mlp(
     return EDMDenoiser(net, sigma_data=sigma_data) if edm else net
 
 
-def _build(recipe: Mapping[str, Any]) -> nn.Module:
-    builder = str(recipe.get("builder", ""))
+def build_network_from_recipe(network: Mapping[str, Any]) -> nn.Module:
+    """Build a bare network from a recipe: ``{"kind": ..., **kw}`` (``fastgen.models.nets.build_network``)
+    or ``{"builder": "fastgen.<module>:<function>", "kwargs": {...}}`` (only inside the fastgen package)."""
+    network = dict(network)
+    if "kind" in network:
+        from fastgen.models.nets import build_network
+
+        return build_network(network.pop("kind"), **network)
+    builder = str(network.get("builder", ""))
     mod_name, _, fn_name = builder.partition(":")
     if not (mod_name == "fastgen" or mod_name.startswith("fastgen.")) or not fn_name:
         raise ValueError(
-            "student recipe builder must be 'fastgen.<module>:<function>' inside the fastgen package, "
-            f"got {builder!r}"
+            "student network recipe needs 'kind' (build_network) or a builder 'fastgen.<module>:<function>' "
+            f"inside the fastgen package, got {builder!r}"
         )
     fn = getattr(importlib.import_module(mod_name), fn_name, None)
     if fn is None or not callable(fn):
         raise ValueError(f"student recipe builder {builder!r} does not exist")
-    net = fn(**dict(recipe.get("kwargs", {})))
-    wrap = recipe.get("wrap")
+    return fn(**dict(network.get("kwargs", {})))
+
+
+def wrap_network(net: nn.Module, wrap: Mapping[str, Any] | None) -> nn.Module:
+    """Apply a denoiser wrapper spec: None (bare), ``{"type": "edm", sigma_data, sigma_min, sigma_max}``
+    or ``{"type": "diffusers", "scheduler_config": {...}}``."""
     if wrap is None:
         return net
-    if isinstance(wrap, Mapping) and wrap.get("type") == "edm":
+    wrap = dict(wrap)
+    kind = wrap.pop("type", None)
+    if kind == "edm":
         kw = {k: float(v) for k, v in wrap.items() if k in ("sigma_data", "sigma_min", "sigma_max")}
         return EDMDenoiser(net, **kw)
-    raise ValueError(f"student recipe wrap must be null or {{'type': 'edm', ...}}, got {wrap!r}")
+    if kind == "diffusers":
+        from fastgen.core.denoiser import from_diffusers
+
+        return from_diffusers(net, wrap["scheduler_config"], prediction_type=wrap.get("prediction_type"))
+    raise ValueError(
+        f"student wrap must be null, {{'type': 'edm', ...}} or {{'type': 'diffusers', ...}}, got {kind!r}"
+    )
+
+
+def bare_network(student: OneStepStudent) -> nn.Module:
+    """The network whose state dict is saved: the student's net without its denoiser wrapper."""
+    wrap = (student.recipe or {}).get("wrap")
+    if wrap is None:
+        return student.net
+    inner = getattr(student.net, "net", None) or getattr(student.net, "model", None)
+    if inner is None:
+        raise ValueError("student recipe has a wrap, but the student's net has no .net/.model inside")
+    return inner
+
+
+def diffusers_model(model_class: str, config: Mapping[str, Any]) -> nn.Module:
+    """A Diffusers model of class ``model_class`` (a name in ``diffusers``) built from its config dict."""
+    import diffusers
+
+    cls = getattr(diffusers, model_class, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"model_class {model_class!r} is not a Diffusers model class")
+    return cls.from_config(dict(config))
+
+
+def zoo_student(net: nn.Module, sigma: float | None = None, wrap: Mapping[str, Any] | None = None, **_: Any):
+    """Zoo factory (``"denoiser": {"type": "fastgen.distill.student:zoo_student", ...}``): the one-step
+    student around a loaded bare network, so ``fastgen.models.load("digits-fdistill-js")`` returns a
+    :class:`OneStepStudent` (``student(z, class_labels) -> samples``)."""
+    return OneStepStudent(wrap_network(net, wrap), sigma=sigma, recipe={"network": None, "wrap": wrap})
 
 
 def save_student(
@@ -145,29 +192,39 @@ def save_student(
     sample_shape: tuple[int, ...],
     metadata: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<path>.safetensors`` (the weights) and ``<path>.json`` (recipe, sigma, shape, metadata).
+    """Write ``<path>.safetensors`` (the bare network's weights) and ``<path>.json``.
 
-    ``student.recipe`` must be set (it tells :func:`load_student` how to rebuild the network).
-    Returns the two paths.
+    The JSON is a zoo entry (``fastgen.models.load`` reads it when the network has a ``kind``)::
+
+        {"format": "fastgen-one-step-student", "network": <recipe>,
+         "denoiser": {"type": "fastgen.distill.student:zoo_student", "sigma": ..., "wrap": ...},
+         "sample_shape": [...], "metadata": {...}}
+
+    ``student.recipe = {"network": <recipe>, "wrap": <wrap spec or None>}`` must be set. Returns the paths.
     """
     from safetensors.torch import save_file
 
-    if student.recipe is None:
+    recipe = student.recipe or {}
+    if not recipe.get("network"):
         raise ValueError(
-            "student.recipe is None: give OneStepStudent(..., recipe={'builder': ..., 'kwargs': ...})"
+            "student.recipe must be {'network': {...}, 'wrap': ...} so that load_student can rebuild it"
         )
     path = Path(path)
     base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     base.parent.mkdir(parents=True, exist_ok=True)
     weights = base.with_name(base.name + ".safetensors")
     meta = base.with_name(base.name + ".json")
-    state = {k: v.detach().cpu().contiguous() for k, v in student.net.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in bare_network(student).state_dict().items()}
     save_file(state, str(weights))
     doc = {
         "format": FORMAT,
-        "sigma": student.sigma,
+        "network": recipe["network"],
+        "denoiser": {
+            "type": "fastgen.distill.student:zoo_student",
+            "sigma": student.sigma,
+            "wrap": recipe.get("wrap"),
+        },
         "sample_shape": list(sample_shape),
-        "net": student.recipe,
         "metadata": dict(metadata or {}),
     }
     meta.write_text(json.dumps(doc, indent=2) + "\n")
@@ -177,7 +234,7 @@ def save_student(
 def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[OneStepStudent, dict]:
     """Load a student written by :func:`save_student`; returns ``(student in eval mode, json dict)``.
 
-    ``path`` may name the ``.safetensors``, the ``.json`` or their common stem.
+    ``path`` may name the ``.safetensors``, the ``.json`` or their common stem. No pickle is loaded.
     """
     from safetensors.torch import load_file
 
@@ -193,10 +250,14 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
         raise ValueError(
             f"{meta} is not a fastgen student (format={doc.get('format')!r}, expected {FORMAT!r})"
         )
-    net = _build(doc["net"])
-    net.load_state_dict(load_file(str(weights), device=str(map_location)))
-    student = OneStepStudent(net, sigma=doc.get("sigma"), recipe=doc["net"]).to(map_location)
-    return student.eval().requires_grad_(False), doc
+    net = build_network_from_recipe(doc["network"])
+    net.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+    spec = doc.get("denoiser", {})
+    wrapped = wrap_network(net, spec.get("wrap"))
+    student = OneStepStudent(
+        wrapped, sigma=spec.get("sigma"), recipe={"network": doc["network"], "wrap": spec.get("wrap")}
+    )
+    return student.to(map_location).eval().requires_grad_(False), doc
 
 
 @dataclass
