@@ -120,14 +120,15 @@ def test_ddpm_pipeline_restart_equals_function():
     pipe.set_progress_bar_config(disable=True)
     calls = count_calls(unet)
     last = record_last_step(sched)
-    img = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="np").images
+    gen = torch.Generator().manual_seed(0)
+    img = pipe(batch_size=2, generator=gen, num_inference_steps=6, output_type="np").images
     plan = sched.restart_plan()
     assert img.shape == (2, 8, 8, 2) and len(calls) == plan.nfe == 2 * 6 - 1 + 2 * 1 * 2
     g = torch.Generator().manual_seed(0)
     noise = randn_tensor((2, 2, 8, 8), generator=g)
     calls.clear()
-    x = restart_sample(from_diffusers(unet, config), noise * math.sqrt(1 + plan.sigmas[0].item() ** 2), plan=plan,
-                       generator=g)
+    x_start = noise * math.sqrt(1 + plan.sigmas[0].item() ** 2)
+    x = restart_sample(from_diffusers(unet, config), x_start, plan=plan, generator=g)
     assert len(calls) == plan.nfe
     assert torch.isfinite(last["x"]).all()
     assert rel_err(last["x"], x) <= TOL
@@ -169,7 +170,8 @@ def test_sd_fastgen_euler_karras_reproduces_diffusers_euler(cond_unet, sd_config
 
 def test_sd_fastgen_heun_default_reproduces_diffusers_heun(cond_unet, sd_config):
     calls = count_calls(cond_unet)
-    a, *_ = run_sd(cond_unet, FastgenScheduler.from_config(sd_config, solver="heun", schedule="default"), steps=4)
+    ours = FastgenScheduler.from_config(sd_config, solver="heun", schedule="default")
+    a, *_ = run_sd(cond_unet, ours, steps=4)
     assert len(calls) == 2 * 4 - 1
     b, *_ = run_sd(cond_unet, HeunDiscreteScheduler.from_config(sd_config), steps=4)
     assert rel_err(a, b) <= 1e-5
@@ -204,8 +206,10 @@ def run_flux(tr, sched, steps=6):
             seen.update(kwargs)
 
     handle = tr.register_forward_pre_hook(hook, with_kwargs=True)
-    pipe = FluxPipeline(scheduler=sched, vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=tr)
+    pipe = FluxPipeline(
+        scheduler=sched, vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, transformer=tr,
+    )
     pipe.set_progress_bar_config(disable=True)
     c = tiny_flux_cond(1)
     out = pipe(prompt_embeds=c["encoder_hidden_states"], pooled_prompt_embeds=c["pooled_projections"],
@@ -222,7 +226,8 @@ def flux_reference(tr, seen):
     tr64 = copy.deepcopy(tr).double()
     den = from_diffusers(tr64, {"_class_name": "FlowMatchEulerDiscreteScheduler"})
     assert den.timestep_scale == 1.0  # Flux transformers take t in [0, 1]
-    cond = {k: seen[k].double() for k in ("encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids")}
+    keys = ("encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids")
+    cond = {k: seen[k].double() for k in keys}
     return den, seen["hidden_states"].double(), cond
 
 
@@ -343,7 +348,8 @@ def test_from_config_of_diffusers_schedulers_is_quiet(cls, source):
 
 
 def test_save_load_roundtrip(tmp_path):
-    sched = RestartScheduler.from_config(vp_scheduler_config(), restart_segments=[[3, 2, 0.2, 1.0]], s_noise=1.003)
+    segs = [[3, 2, 0.2, 1.0]]
+    sched = RestartScheduler.from_config(vp_scheduler_config(), restart_segments=segs, s_noise=1.003)
     sched.save_pretrained(tmp_path / "r")
     back = RestartScheduler.from_pretrained(tmp_path / "r")
     public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
@@ -448,7 +454,7 @@ def test_begin_index_img2img_rules():
         sched.set_begin_index(1)
     with pytest.raises(ValueError, match="inside"):
         sched.set_begin_index(7)
-    # img2img slicing: t_start = N - int(N * strength), N = len(timesteps) = 15; a clear error or a valid start
+    # img2img slicing: t_start = N - int(N * strength), N = len(timesteps) = 15: an error or a valid start
     n = len(sched.timesteps)
     outcomes = {}
     for strength in (0.2, 0.4, 0.5, 0.8):

@@ -71,7 +71,9 @@ def resolve_state_space(config: Any, state_space: str | None = None) -> str:
     cfg = dict(config or {})
     if is_flow_config(cfg):
         return "flow"
-    ddpm_like = isinstance(cfg.get("variance_type"), str) and "clip_sample" in cfg and "set_alpha_to_one" not in cfg
+    ddpm_like = (
+        isinstance(cfg.get("variance_type"), str) and "clip_sample" in cfg and "set_alpha_to_one" not in cfg
+    )
     return "vp" if cfg.get("_class_name") == "DDPMScheduler" or ddpm_like else "ve"
 
 
@@ -181,11 +183,15 @@ class PlanSchedulerMixin:
         if cfg.state_space not in STATE_SPACES:
             raise ValueError(f"state_space must be one of {STATE_SPACES}, got {cfg.state_space!r}")
         if cfg.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}"
+            )
         if cfg.rescale_betas_zero_snr:
             raise ValueError("rescale_betas_zero_snr=True (infinite sigma_max) is not supported")
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
-            raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {cfg.final_sigmas_type!r}")
+            raise ValueError(
+                f"final_sigmas_type must be 'zero' or 'sigma_min', got {cfg.final_sigmas_type!r}"
+            )
         self._vp = None
         if cfg.state_space != "flow":
             beta_cfg = {k: cfg[k] for k in _BETA_KEYS}
@@ -224,9 +230,10 @@ class PlanSchedulerMixin:
         return lo, hi
 
     def _default_grid(self, n: int, mu: float | None = None) -> torch.Tensor:
-        """The VE grid Diffusers' Euler (VP configs) or Flux's ``linspace(1, 1/n, n)`` (flow) uses for n steps."""
+        """The VE grid of Diffusers' Euler (VP) or Flux's shifted ``linspace(1, 1/n, n)`` (flow), n steps."""
         if self.config.state_space == "flow":
-            return self._flow_sigmas(np.linspace(1.0, 1.0 / n, n), mu if mu is not None else self._mu, shift=True)
+            mu = mu if mu is not None else self._mu
+            return self._flow_sigmas(np.linspace(1.0, 1.0 / n, n), mu, shift=True)
         from diffusers import EulerDiscreteScheduler
 
         keys = _BETA_KEYS + ("timestep_spacing", "steps_offset", "final_sigmas_type")
@@ -235,7 +242,7 @@ class PlanSchedulerMixin:
         return euler.sigmas.double()
 
     def _flow_sigmas(self, t: Any, mu: float | None, shift: bool | None = None) -> torch.Tensor:
-        """Flow times (N, no terminal, or with a final 0) -> shifted (if configured) -> VE sigmas ending in 0."""
+        """Flow times (N entries, or with a final 0) -> shifted (if configured) -> VE sigmas ending in 0."""
         t = np.asarray(t, dtype=np.float64).reshape(-1)
         if t.size < 1 or not np.isfinite(t).all() or (t < 0).any() or (t > 1).any():
             raise ValueError(f"flow sigmas must be finite flow times in [0, 1], got {t.tolist()}")
@@ -261,12 +268,13 @@ class PlanSchedulerMixin:
         self._mu = mu
         flow = self.config.state_space == "flow"
         if num_inference_steps is not None:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                    or num_inference_steps < 1:
+            n = num_inference_steps
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
                 raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
             return int(num_inference_steps), False
         if sigmas is not None:
-            sig = np.asarray(sigmas.detach().cpu() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float64)
+            sig = sigmas.detach().cpu() if isinstance(sigmas, torch.Tensor) else sigmas
+            sig = np.asarray(sig, dtype=np.float64)
             if flow:
                 validate_sigmas(torch.from_numpy(sig.copy()), "sigmas")
                 return self._flow_sigmas(sig, mu), True
@@ -363,7 +371,8 @@ class PlanSchedulerMixin:
         raise ValueError(f"timestep {t} does not begin a main step of the current plan; call set_begin_index")
 
     def _init_step_index(self, timestep: Any) -> None:
-        self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        begin = self._begin_index
+        self._step_index = begin if begin is not None else self.index_for_timestep(timestep)
 
     def _require_plan(self) -> None:
         if self._calls is None:
@@ -380,7 +389,7 @@ class PlanSchedulerMixin:
 
     @property
     def init_noise_sigma(self) -> float:
-        """Std of the initial latent: VP/flow 1; VE as Euler (sigma_max, or sqrt(sigma_max^2+1) for leading)."""
+        """Initial latent std: VP/flow 1; VE as Euler (sigma_max, or sqrt(sigma_max^2+1) if leading)."""
         if self.config.state_space != "ve":
             return 1.0
         smax = self._calls.sigmas[0] if self._calls is not None else self._train_sigma_range(1)[1]
@@ -401,7 +410,8 @@ class PlanSchedulerMixin:
     def _sigma_for(self, timesteps: Any, n: int) -> list[float]:
         self._require_plan()
         if self._begin_index is None and self._step_index is None:
-            ts = timesteps.reshape(-1) if isinstance(timesteps, torch.Tensor) else torch.as_tensor([timesteps])
+            is_tensor = isinstance(timesteps, torch.Tensor)
+            ts = timesteps.reshape(-1) if is_tensor else torch.as_tensor([timesteps])
             idx = [self.index_for_timestep(t) for t in ts]
             if len(idx) == 1:
                 idx = idx * n
@@ -507,7 +517,9 @@ class PlanSchedulerMixin:
         c = self._step_index
         calls = self._calls
         if c >= len(calls):
-            raise ValueError(f"step called {c + 1} times for a plan of {len(calls)} calls; call set_timesteps again")
+            raise ValueError(
+                f"step called {c + 1} times for a plan of {len(calls)} calls; call set_timesteps again"
+            )
         # flow mode: VE arithmetic at sigma up to FLOW_SIGMA_MAX = 1000 loses ~1e-4 in float32, use float64
         wide = sample.dtype == torch.float64 or self.config.state_space == "flow"
         cdt = torch.float64 if wide else torch.float32

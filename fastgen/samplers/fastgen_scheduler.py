@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -102,8 +101,8 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
             self.register_to_config(schedule=schedule)
         if solver is not None and json_solver is not None and solver != json_solver:
             raise ValueError(
-                f"solver={solver!r} but the schedule JSON was made for solver {json_solver!r}; use that solver "
-                "or leave solver unset"
+                f"solver={solver!r} but the schedule JSON was made for solver {json_solver!r}; "
+                "use that solver or leave solver unset"
             )
         solver = solver or json_solver or "euler"
         if solver not in SOLVERS:

@@ -70,7 +70,9 @@ def as_segments(segments: Iterable[Any] | None) -> tuple[RestartSegment, ...]:
                 ) from err
             seg = RestartSegment(n_steps, k, t_min, t_max)
         if isinstance(seg.n_steps, bool) or not isinstance(seg.n_steps, int) or seg.n_steps < 2:
-            raise ValueError(f"segments[{j}].n_steps must be an integer >= 2 (grid points), got {seg.n_steps!r}")
+            raise ValueError(
+                f"segments[{j}].n_steps must be an integer >= 2 (grid points), got {seg.n_steps!r}"
+            )
         if isinstance(seg.k, bool) or not isinstance(seg.k, int) or seg.k < 0:
             raise ValueError(f"segments[{j}].k (restart repeats) must be an integer >= 0, got {seg.k!r}")
         t_min, t_max = float(seg.t_min), float(seg.t_max)
@@ -177,8 +179,8 @@ def build_plan(
             )
         if float(positive[idx]) >= seg.t_max:
             raise ValueError(
-                f"segments[{j}]: t_min={seg.t_min} snaps to grid sigma {float(positive[idx]):.6g} which is not "
-                f"below t_max={seg.t_max}"
+                f"segments[{j}]: t_min={seg.t_min} snaps to grid sigma {float(positive[idx]):.6g}, "
+                f"which is not below t_max={seg.t_max}"
             )
         by_index.setdefault(idx, []).append(seg)
 
@@ -255,7 +257,9 @@ class RestartPreset:
         """The paper's NFE for this configuration."""
         return restart_nfe(self.n_main, self.segments)
 
-    def plan(self, sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0) -> RestartPlan:
+    def plan(
+        self, sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0
+    ) -> RestartPlan:
         """Build the plan on ``karras(n_main, sigma_min, sigma_max)`` (defaults: the preset's range)."""
         smin = self.sigma_min if sigma_min is None else sigma_min
         smax = self.sigma_max if sigma_max is None else sigma_max
