@@ -168,11 +168,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[k] = _build(hint, v or {}, key)
             continue
+        floaty = hint is float or float in typing.get_args(hint)
+        if floaty and isinstance(v, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
         if not _hint_ok(v, hint):
             raise ValueError(f"config: {key} must be of type {hint}, got {v!r}")
-        if hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in
-                             typing.get_args(hint)):
-            v = float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        if floaty and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
         kwargs[k] = v
     return cls(**kwargs)
 

@@ -51,8 +51,9 @@ def edm_loss(
     sd = denoiser.sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     d = denoiser(x0 + _bcast(sigma, x0) * noise, sigma, **cond)
-    per_row = ((d.float() - x0.float()) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
-    return (weight.float() * per_row).mean()
+    dt = torch.promote_types(x0.dtype, torch.float32)  # at least float32, float64 stays float64
+    per_row = ((d.to(dt) - x0.to(dt)) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
+    return (weight.to(dt) * per_row).mean()
 
 
 class EDMMethod:

@@ -36,7 +36,8 @@ def flow_matching_loss(
     """Scalar flow-matching loss for data ``x1``, noise ``x0`` (same shape) and ``t (B,)`` in [0, 1]."""
     xt = (1 - _bcast(t, x1)) * x0 + _bcast(t, x1) * x1
     v = net(xt, t, **cond)
-    return ((v.float() - (x1 - x0).float()) ** 2).reshape(x1.shape[0], -1).mean(dim=1).mean()
+    dt = torch.promote_types(x1.dtype, torch.float32)
+    return ((v.to(dt) - (x1 - x0).to(dt)) ** 2).reshape(x1.shape[0], -1).mean(dim=1).mean()
 
 
 class FlowVelocityDenoiser(nn.Module):

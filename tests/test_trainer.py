@@ -1,0 +1,242 @@
+"""Trainer: exact resume, NaN stop, config errors, corrupt checkpoints, EMA, warm-up, 2-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgen.train import Trainer, TrainingDiverged
+from fastgen.train.checkpoint import latest_checkpoint, read_checkpoint
+from fastgen.train.config import config_from_dict, load_config
+from fastgen.train.ema import ema_decay, make_ema
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(tmp_path: Path, **over) -> dict:
+    cfg = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "run"),
+        "seed": 3,
+        "steps": 6,
+        "batch_size": 16,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "progress": False,
+        "data": {"name": "mixture", "mixture": "ring", "num_samples": 40},
+        "network": {"kind": "mlp", "in_dim": 2, "width": 16, "depth": 1, "num_classes": 8},
+        "method": {"name": "edm", "label_dropout": 0.2},
+        "optim": {"lr": 0.01, "warmup_steps": 3, "grad_clip": 0.5},
+        "ema": {"decay": 0.9},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def weights(tr: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in tr.state_tensors().items()}
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    full = Trainer(config_from_dict(tiny_cfg(tmp_path / "a")))
+    full.train()
+    ref = weights(full)
+
+    class Killed(Exception):
+        pass
+
+    def kill(tr, logs):
+        if tr.step == 5:  # after the step-4 checkpoint, before the step-6 one
+            raise Killed
+
+    cfg = config_from_dict(tiny_cfg(tmp_path / "b"))
+    with pytest.raises(Killed):
+        Trainer(cfg).train(callback=kill)
+    assert latest_checkpoint(tmp_path / "b" / "run" / "checkpoints").name == "step_00000004"
+    resumed = Trainer(config_from_dict(tiny_cfg(tmp_path / "b")))
+    resumed.train()
+    assert resumed.step == 6
+    out = weights(resumed)
+    assert out.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k
+    # optimizer state too (exp_avg etc.)
+    for name, opt in full.optimizers.items():
+        a, b = opt.state_dict()["state"], resumed.optimizers[name].state_dict()["state"]
+        for i in a:
+            assert torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"])
+    # the metrics log has each step exactly once after the resume
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # and its losses equal the uninterrupted run's
+    la = [json.loads(line)["loss/main"] for line in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(line)["loss/main"] for line in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+class NaNAt:
+    """A method wrapper whose loss becomes NaN at one step."""
+
+    def __init__(self, inner, bad_step):
+        self.inner, self.bad_step, self.last_logs = inner, bad_step, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, batch, step, generator):
+        losses = dict(self.inner.step(batch, step, generator))
+        if step == self.bad_step:
+            losses["main"] = losses["main"] * float("nan")
+        return losses
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+    from fastgen.train.method import build_method
+
+    cfg = config_from_dict(tiny_cfg(tmp_path))
+    tr = Trainer(cfg, method=NaNAt(build_method(cfg), bad_step=3))
+    before = None
+
+    def snap(t, logs):
+        nonlocal before
+        before = weights(t)
+
+    with pytest.raises(TrainingDiverged, match="at step 3") as info:
+        tr.train(callback=snap)
+    assert info.value.step == 3
+    assert info.value.checkpoint.name == "step_00000002"
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
+    assert "step_00000002" in str(info.value)
+    # the weights were not touched by the NaN step
+    for k, v in weights(tr).items():
+        assert torch.equal(v, before[k])
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['data.splitt'\]"):
+        config_from_dict(tiny_cfg(tmp_path, data={"name": "digits", "splitt": "train"}))
+    with pytest.raises(ValueError, match=r"\['stepz'\]"):
+        config_from_dict({**tiny_cfg(tmp_path), "stepz": 3})
+    with pytest.raises(ValueError, match="optim.lr must be of type"):
+        config_from_dict(tiny_cfg(tmp_path, optim={"lr": "fast"}))
+    with pytest.raises(ValueError, match="mixed_precision"):
+        config_from_dict(tiny_cfg(tmp_path, mixed_precision="fp8"))
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    cfg = config_from_dict(tiny_cfg(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown mlp network option\(s\) \['widht'\]"):
+        Trainer(config_from_dict(tiny_cfg(tmp_path, network={"kind": "mlp", "in_dim": 2, "widht": 3})))
+    with pytest.raises(ValueError, match=r"unknown edm method option\(s\) \['p_meen'\]"):
+        Trainer(config_from_dict(tiny_cfg(tmp_path, method={"name": "edm", "p_meen": 0.0})))
+    with pytest.raises(ValueError, match="method.name must be one of"):
+        Trainer(config_from_dict(tiny_cfg(tmp_path, method={"name": "nosuch"})))
+    # missing / empty data
+    with pytest.raises(ValueError, match="data.name must be"):
+        config_from_dict(tiny_cfg(tmp_path, data={"name": "cifar"}))
+    with pytest.raises(ValueError, match="dataset tensors must be non-empty"):
+        Trainer(cfg, dataset={"x": torch.zeros(0, 2), "label": torch.zeros(0, dtype=torch.long)})
+    with pytest.raises(ValueError, match="batch_size .* divisible by micro_batches"):
+        Trainer(config_from_dict(tiny_cfg(tmp_path, batch_size=15, micro_batches=2)))
+
+
+def test_yaml_and_overrides(tmp_path):
+    import yaml
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tiny_cfg(tmp_path)))
+    cfg = load_config(p, ["steps=11", "optim.lr=3e-4", "method.label_dropout=0.5", "ema.warmup=false"])
+    assert cfg.steps == 11 and cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.method["label_dropout"] == 0.5 and cfg.ema.warmup is False
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(p, ["steps"])
+    for name in ("digits-edm", "digits-flow", "mixture-edm", "mixture-flow"):
+        load_config(REPO / "configs" / "train" / f"{name}.yaml")  # the shipped configs parse
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    cfg = config_from_dict(tiny_cfg(tmp_path, steps=2))
+    Trainer(cfg).train()
+    ck = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    read_checkpoint(ck)
+    f = ck / "tensors.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt checkpoint.*sha256"):
+        Trainer(config_from_dict(tiny_cfg(tmp_path, steps=4))).train()
+    (ck / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt checkpoint.*not valid JSON"):
+        read_checkpoint(ck)
+    os.remove(ck / "state.json")
+    with pytest.raises(ValueError, match="missing state.json"):
+        read_checkpoint(ck)
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "nothing")
+
+
+def test_ema_warmup_and_lr_warmup(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    ema = make_ema(net, decay=0.9, warmup=True)
+    w = [net.weight.detach().clone()]
+    expect = w[0].clone()  # the first update copies
+    ema.update_parameters(net)
+    for n in range(1, 4):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        d = min(0.9, (1 + n) / (10 + n))
+        assert ema_decay(0.9, n) == pytest.approx(d)
+        expect = d * expect + (1 - d) * net.weight.detach()
+        ema.update_parameters(net)
+        assert torch.allclose(ema.module.weight, expect, atol=1e-6)
+    tr = Trainer(config_from_dict(tiny_cfg(tmp_path)))
+    assert [tr.lr_at("main", s) for s in range(5)] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.01, 0.01])
+
+
+_DIST_SCRIPT = """
+import sys, json, torch
+torch.set_num_threads(1)
+from fastgen.train import Trainer
+from fastgen.train.config import config_from_dict
+cfg = config_from_dict(json.loads(sys.argv[1]))
+tr = Trainer(cfg)
+tr.train()
+if tr.acc.is_main_process:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tr.state_tensors().items()}, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """accelerate launch --num_processes 2 --cpu gives the 1-process loss curve (same global batch)."""
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(_DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    results = {}
+    for procs in (1, 2):
+        cfg = tiny_cfg(tmp_path / f"p{procs}", micro_batches=2, steps=5)
+        out = tmp_path / f"w{procs}.safetensors"
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu"]
+        if procs == 1:
+            launcher = [sys.executable]
+        r = subprocess.run(launcher + [str(script), json.dumps(cfg), str(out)], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        log = (tmp_path / f"p{procs}" / "run" / "metrics.jsonl").read_text().splitlines()
+        results[procs] = ([json.loads(line)["loss/main"] for line in log], load_file(str(out)))
+    (l1, w1), (l2, w2) = results[1], results[2]
+    assert len(l1) == len(l2) == 5
+    assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
+    assert l1[0] != l1[-1]
+    for k in w1:
+        assert torch.allclose(w1[k].float(), w2[k].float(), rtol=1e-4, atol=1e-6), k
