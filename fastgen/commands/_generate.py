@@ -1,0 +1,197 @@
+"""One sampling routine behind ``fastgen sample`` and ``fastgen demo``.
+
+:func:`generate` draws ``n`` samples from a :class:`~fastgen.commands._models.LoadedModel` with a
+named sampler and schedule, seeded, in batches, and returns them with the number of network calls
+per sample (NFE; CFG counts two calls per evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastgen.commands._models import LoadedModel, class_labels_for
+from fastgen.core import schedules
+from fastgen.core.solvers import SOLVERS, get_solver
+
+SAMPLERS = ("restart", "euler", "heun", "dpmpp_2m", "ipndm", "shortcut", "student")
+NAMED_SCHEDULES = ("karras", "loglinear", "ays", "ld3", "dp")
+SHIPPED_SCHEDULES = Path(__file__).resolve().parent.parent / "models" / "weights" / "schedules"
+
+
+@dataclass
+class SampleSpec:
+    """What to sample: sampler name, schedule (name or JSON path), solver steps, CFG weight."""
+
+    sampler: str | None = None
+    schedule: str = "karras"
+    steps: int = 10
+    guidance: float = 1.0
+
+
+class _Counter(torch.nn.Module):
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, sigma: Any, **cond: Any) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x, sigma, **cond)
+
+
+def shipped_schedule_path(model: str, method: str, solver: str, nfe: int) -> Path:
+    """Where a schedule learned for an embedded model is shipped."""
+    return SHIPPED_SCHEDULES / model / f"{method}-{solver}-nfe{nfe}.json"
+
+
+def resolve_schedule(spec: SampleSpec, model: LoadedModel, solver: str):
+    """Return ``(sigmas, wrap)`` for an ODE solver: VE sigmas ending in 0 and a denoiser wrapper."""
+    from fastgen.samplers.schedule import Schedule
+
+    name = spec.schedule
+    if name == "karras":
+        return schedules.karras(spec.steps, model.sigma_min, model.sigma_max), None
+    if name == "loglinear":
+        return schedules.loglinear(spec.steps, model.sigma_min, model.sigma_max), None
+    if name in ("ays", "ld3", "dp"):
+        from fastgen.core.solvers import nfe as solver_nfe
+
+        nfe = solver_nfe(solver, schedules.karras(spec.steps, 1.0, 2.0))
+        path = shipped_schedule_path(Path(model.name).name, name, solver, nfe)
+        if not path.is_file():
+            raise ValueError(
+                f"--schedule {name}: no {name} schedule is shipped for model {model.name!r}, solver {solver!r} "
+                f"and NFE {nfe}; learn one with `fastgen schedule {name} ...` and pass the JSON file"
+            )
+        sched = Schedule.load(path)
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--schedule {name!r} is neither one of {NAMED_SCHEDULES} nor an existing schedule JSON file"
+            )
+        sched = Schedule.load(path)
+        if sched.model is not None and sched.model != Path(model.name).name:
+            raise ValueError(
+                f"schedule {str(path)!r} was made for model {sched.model!r}, not {Path(model.name).name!r}; "
+                "a schedule is tied to the model it was learned on"
+            )
+        if sched.solver is not None and sched.solver != solver:
+            raise ValueError(
+                f"schedule {str(path)!r} was learned for solver {sched.solver!r}; run it with "
+                f"--sampler {sched.solver} (got {solver!r})"
+            )
+    sig = sched.solver_sigmas()
+    if float(sig[0]) > model.sigma_max * (1 + 1e-6) or float(sig[-2]) < model.sigma_min * (1 - 1e-6):
+        raise ValueError(
+            f"schedule sigmas [{float(sig[-2]):.4g}, {float(sig[0]):.4g}] leave the model's range "
+            f"[{model.sigma_min:.4g}, {model.sigma_max:.4g}]"
+        )
+    return sig, sched.wrap
+
+
+def _default_sampler(model: LoadedModel) -> str:
+    return {"shortcut": "shortcut", "student": "student"}.get(model.kind, "heun")
+
+
+def _check_spec(spec: SampleSpec, model: LoadedModel) -> str:
+    sampler = spec.sampler or _default_sampler(model)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if isinstance(spec.steps, bool) or not isinstance(spec.steps, int) or spec.steps < 1:
+        raise ValueError(f"--steps must be an integer >= 1, got {spec.steps!r}")
+    if spec.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0, got {spec.guidance}")
+    if model.kind == "student" and sampler != "student":
+        raise ValueError(f"{model.name} is a one-step student: use --sampler student (got {sampler!r})")
+    if model.kind == "shortcut" and sampler != "shortcut":
+        raise ValueError(f"{model.name} is a shortcut model: use --sampler shortcut (got {sampler!r})")
+    if sampler in ("shortcut", "student") and model.kind != sampler:
+        raise ValueError(f"--sampler {sampler} needs a {sampler} model; {model.name} is a {model.kind} model")
+    if spec.guidance != 1.0 and model.num_classes is None:
+        raise ValueError("--guidance needs a class-conditional model")
+    return sampler
+
+
+@torch.no_grad()
+def generate(
+    model: LoadedModel,
+    spec: SampleSpec,
+    n: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    class_label: str | int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """``n`` samples ``(n, *model.shape)`` in [-1, 1]-ish data units and the NFE per sample."""
+    if n < 1:
+        raise ValueError(f"--num must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    sampler = _check_spec(spec, model)
+    gen = torch.Generator().manual_seed(seed)
+    noise_all = torch.randn(n, *model.shape, generator=gen)
+    labels_all = class_labels_for(n, model, class_label, "cpu")
+    run = _build_runner(model, spec, sampler, gen, device)
+    out, calls = [], 0.0
+    for i in tqdm(range(0, n, batch_size), desc=f"{Path(model.name).name}:{sampler}", disable=not progress,
+                  leave=False):
+        noise = noise_all[i : i + batch_size].to(device)
+        cond = {} if labels_all is None else {"class_labels": labels_all[i : i + batch_size].to(device)}
+        x, c = run(noise, cond)
+        out.append(x.cpu())
+        calls = c
+    return torch.cat(out), calls
+
+
+def _build_runner(model: LoadedModel, spec: SampleSpec, sampler: str, gen: torch.Generator, device: str):
+    if sampler == "student":
+        return lambda noise, cond: (model.student(noise, cond.get("class_labels")), 1)
+    if sampler == "shortcut":
+        from fastgen.samplers.shortcut import check_num_steps, shortcut_sample
+
+        check_num_steps(spec.steps, getattr(model.shortcut, "max_steps", None))
+        return lambda noise, cond: (shortcut_sample(model.shortcut, noise, spec.steps, **cond), spec.steps)
+
+    den = model.denoiser
+    if model.kind == "gft":
+        from fastgen.samplers.guidance import gft
+
+        den = gft(den, w=max(spec.guidance, 1.0))
+    elif spec.guidance != 1.0:
+        from fastgen.samplers.guidance import cfg
+
+        den = cfg(den, spec.guidance)
+    counter = _Counter(den)
+
+    if sampler == "restart":
+        from fastgen.samplers.restart import auto_plan, restart_sample
+
+        if spec.schedule != "karras":
+            raise ValueError("--sampler restart builds its own Karras grid; use --schedule karras")
+        plan = auto_plan(spec.steps, model.sigma_min, model.sigma_max)
+
+        def run_restart(noise: torch.Tensor, cond: dict[str, Any]):
+            counter.calls = 0
+            x = restart_sample(counter, noise * float(plan.sigmas[0]), plan=plan, generator=gen, **cond)
+            return x, counter.calls / 1.0
+
+        return run_restart
+    if sampler not in SOLVERS:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    sig, wrap = resolve_schedule(spec, model, sampler)
+    solver = get_solver(sampler)
+    wrapped = wrap(counter) if wrap is not None else counter
+
+    def run_ode(noise: torch.Tensor, cond: dict[str, Any]):
+        counter.calls = 0
+        s = sig.to(device=noise.device, dtype=noise.dtype)
+        return solver(wrapped, noise * s[0], s, **cond), counter.calls
+
+    return run_ode
