@@ -1,4 +1,4 @@
-"""Trainer: exact resume, NaN stop, config errors, corrupt checkpoints, EMA, warm-up, 2-process equivalence."""
+"""Trainer: exact resume, NaN stop, config errors, corrupt checkpoints, EMA, warm-up, 2-process runs."""
 
 from __future__ import annotations
 
@@ -76,9 +76,10 @@ def test_resume_after_kill_is_exact(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     # and its losses equal the uninterrupted run's
-    la = [json.loads(line)["loss/main"] for line in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(line)["loss/main"] for line in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
-    assert la == lb
+    def losses(run):
+        return [json.loads(line)["loss/main"] for line in (tmp_path / run).read_text().splitlines()]
+
+    assert losses("a/run/metrics.jsonl") == losses("b/run/metrics.jsonl")
 
 
 class NaNAt:
