@@ -186,7 +186,7 @@ class Schedule:
         starts = sig[:-1] if float(sig[-1]) == 0 else sig
         table = vp_sigmas_from_config(scheduler_config)
         lo, hi = float(table[0]), float(table[-1])
-        if float(starts.max()) > hi * (1 + 1e-3) or float(starts.min()) < lo * (1 - 1e-3):
+        if float(starts.max()) > hi * 1.02 or float(starts.min()) < lo / 1.02:  # 2%: published lists are rounded
             raise ValueError(
                 f"schedule sigmas [{float(starts.min()):.4g}, {float(starts.max()):.4g}] lie outside the "
                 f"scheduler table's range [{lo:.4g}, {hi:.4g}]"
