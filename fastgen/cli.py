@@ -10,7 +10,7 @@ import sys
 from fastgen import __version__
 
 #: Subcommand modules, in the order ``fastgen --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("fid", "train", "distill", "sample", "demo")
+COMMAND_MODULES: tuple[str, ...] = ("fid", "train", "distill", "sample", "demo", "schedule")
 
 
 def build_parser() -> argparse.ArgumentParser:

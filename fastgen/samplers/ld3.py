@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -192,7 +193,9 @@ def learn_ld3(
     def run(lg: torch.Tensor, off: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         sig, ev = build(lg, off)
         den = OffsetDenoiser(denoiser, sig, ev) if decoupled else denoiser
-        return solve(den, x * hi, sig.to(dtype), **_split_cond(cond, m, idx))
+        with warnings.catch_warnings():  # the solvers test float(sigma) == 0 on a tensor with grad
+            warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+            return solve(den, x * hi, sig.to(dtype), **_split_cond(cond, m, idx))
 
     def validate() -> float:
         with torch.no_grad():

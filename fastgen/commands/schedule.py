@@ -1,0 +1,201 @@
+"""``fastgen schedule {ays,ld3,dp,show}``: optimise a sampling schedule and write it as JSON.
+
+Examples::
+
+    fastgen schedule ays --published sd15 --steps 20 --out ays_sd15_20.json
+    fastgen schedule ays --model digits-empirical --solver dpmpp_2m --nfe 6 --out ays.json
+    fastgen schedule ld3 --model digits-edm --solver dpmpp_2m --nfe 6 --out ld3.json
+    fastgen schedule dp --model ring-mixture --solver ipndm --nfe 4 6 8 --out dp_{nfe}.json
+    fastgen schedule show ld3.json
+
+Models (``--model``): ``digits-edm`` (the shipped class-conditional digits teacher, random classes),
+``digits-empirical`` (the exact denoiser of the 898 train digits with kernel width 0.25, a smooth
+stand-in), ``ring-mixture`` (8 Gaussians on a circle, exact). The written JSON is a
+:class:`fastgen.samplers.schedule.Schedule`, usable with ``FastgenScheduler.from_config(...,
+schedule=PATH)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODELS = ("digits-edm", "digits-empirical", "ring-mixture")
+
+
+@dataclass
+class TestBed:
+    """A denoiser with data and conditioning for schedule search (see :func:`load_testbed`)."""
+
+    name: str
+    denoiser: Any
+    data: torch.Tensor  # (N, ...) samples of the data distribution (AYS)
+    labels: torch.Tensor | None  # (N,) class labels of ``data`` or None
+    shape: tuple[int, ...]  # per-sample shape
+    num_classes: int | None  # class-conditional models: labels drawn uniformly
+    dtype: torch.dtype
+
+    def noise(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` unit Gaussian noises and (for class-conditional models) uniform random labels."""
+        z = torch.randn(n, *self.shape, generator=generator, dtype=torch.float64).to(self.dtype)
+        labels = None
+        if self.num_classes is not None:
+            labels = torch.randint(0, self.num_classes, (n,), generator=generator)
+        return z, labels
+
+
+def load_testbed(name: str, bandwidth: float = 0.25) -> TestBed:
+    """Build the named test bed; ValueError for unknown names or a missing digits teacher."""
+    from fastgen.core.denoiser import EmpiricalDenoiser
+    from fastgen.data import load_digits_split
+    from fastgen.data.toy import ring_mixture
+
+    if name == "ring-mixture":
+        mix = ring_mixture()
+        data, _ = mix.sample(4096, torch.Generator().manual_seed(0), dtype=torch.float64)
+        return TestBed(name, mix.denoiser(), data, None, (2,), None, torch.float64)
+    digits = load_digits_split("train")
+    if name == "digits-empirical":
+        data = digits.images.double()
+        return TestBed(name, EmpiricalDenoiser(data, bandwidth=bandwidth), data, None, (1, 8, 8), None,
+                       torch.float64)
+    if name == "digits-edm":
+        try:
+            from fastgen.models import zoo
+        except ImportError as err:  # pragma: no cover - the zoo ships with fastgen
+            raise ValueError("the model zoo (fastgen.models.zoo) is not available") from err
+        den = zoo.load("digits-edm")
+        return TestBed(name, den, digits.images.float(), digits.labels, (1, 8, 8), 10, torch.float32)
+    raise ValueError(f"--model must be one of {MODELS}, got {name!r}")
+
+
+def _common(p: argparse.ArgumentParser, multi_nfe: bool = False) -> None:
+    p.add_argument("--model", default="digits-empirical", help=f"test bed / model: {', '.join(MODELS)}")
+    p.add_argument("--solver", default="dpmpp_2m", help="euler | heun | dpmpp_2m | ipndm (default dpmpp_2m)")
+    if multi_nfe:
+        p.add_argument("--nfe", type=int, nargs="+", default=[6], help="NFE budget(s), one schedule each")
+    else:
+        p.add_argument("--nfe", type=int, default=6, help="denoiser calls incl. the final step to 0 (default 6)")
+    p.add_argument("--sigma-min", type=float, default=None, help="smallest positive sigma (VE; default model's)")
+    p.add_argument("--sigma-max", type=float, default=None, help="largest sigma (VE; default model's or 80)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--out", required=True, help="output JSON path" + (" ('{nfe}' is replaced)" if multi_nfe else ""))
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("schedule", help="optimise a sampling schedule (AYS, LD3, DP) or show one",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
+
+    p = sub.add_parser("ays", help="Align Your Steps: published schedules or the KLUB optimizer")
+    p.add_argument("--published", default=None, choices=("sd15", "sdxl", "svd"),
+                   help="write the published schedule of this model instead of optimising")
+    p.add_argument("--steps", type=int, default=10, help="steps for --published (default 10)")
+    p.add_argument("--terminal", default="keep", choices=("keep", "append", "replace"),
+                   help="for --published: keep the published minimum, append 0 or replace it by 0")
+    p.add_argument("--iterations", type=int, default=4, help="coordinate sweeps per level (default 4)")
+    p.add_argument("--samples", type=int, default=256, help="Monte Carlo samples per KLUB estimate")
+    p.add_argument("--subdivisions", type=int, default=0, help="2x subdivisions after the first level")
+    p.add_argument("--val-noise", type=int, default=32,
+                   help="noises for early stopping by ODE error at --solver/--nfe (0: keep the last sweep)")
+    _common(p)
+    p.set_defaults(func=_run_ays)
+
+    p = sub.add_parser("ld3", help="LD3: learn the schedule by backpropagating through the solver")
+    p.add_argument("--num-noise", type=int, default=100, help="noises, split 50/50 train/validation")
+    p.add_argument("--iterations", type=int, default=150, help="maximum iterations (default 150)")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="Heun steps of the teacher (default: adaptive dopri5 reference ODE)")
+    p.add_argument("--no-decoupled", action="store_true", help="do not learn evaluation offsets")
+    _common(p)
+    p.set_defaults(func=_run_ld3)
+
+    p = sub.add_parser("dp", help="GITS/BOSS dynamic programming over a fine grid")
+    p.add_argument("--num-noise", type=int, default=128, help="teacher trajectories (default 128)")
+    p.add_argument("--grid-size", type=int, default=40, help="fine grid intervals K (default 40)")
+    p.add_argument("--coeff", default="auto", help="GITS coefficient (1.0 = BOSS) or 'auto' (default)")
+    p.add_argument("--metric", default="l2,dev", help="cost metric(s): l2, l1, dev (comma-separated)")
+    _common(p, multi_nfe=True)
+    p.set_defaults(func=_run_dp)
+
+    p = sub.add_parser("show", help="print a schedule JSON")
+    p.add_argument("file", help="schedule JSON path")
+    p.set_defaults(func=_run_show)
+
+
+def _cond(labels: torch.Tensor | None) -> dict[str, Any]:
+    return {} if labels is None else {"class_labels": labels}
+
+
+def _finish(sched: Any, out: str) -> int:
+    path = sched.save(out)
+    print(sched.summary())
+    print(f"wrote {path}")
+    return 0
+
+
+def _run_ays(args: argparse.Namespace) -> int:
+    from fastgen.samplers.ays import ays_schedule, for_solver, optimize_ays
+
+    if args.published is not None:
+        sched = ays_schedule(args.published, args.steps)
+        if args.terminal != "keep":
+            sched.sigmas = sched.solver_sigmas(args.terminal)
+            sched.meta["terminal"] = args.terminal
+        return _finish(sched, args.out)
+    bed = load_testbed(args.model)
+    g = torch.Generator().manual_seed(args.seed)
+    knots = optimize_ays(bed.denoiser, bed.data, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                         iterations=args.iterations, num_samples=args.samples, subdivisions=args.subdivisions,
+                         solver=args.solver, nfe=args.nfe, val_noise=args.val_noise, class_labels=bed.labels,
+                         generator=g, progress=not args.no_progress, model_id=bed.name)
+    sched = for_solver(knots, args.solver, args.nfe)
+    sched.meta["knots"] = [float(v) for v in knots.sigmas]
+    return _finish(sched, args.out)
+
+
+def _run_ld3(args: argparse.Namespace) -> int:
+    from fastgen.samplers.ld3 import learn_ld3
+
+    bed = load_testbed(args.model)
+    g = torch.Generator().manual_seed(args.seed)
+    noise, labels = bed.noise(args.num_noise, g)
+    sched = learn_ld3(bed.denoiser, noise, solver=args.solver, nfe=args.nfe, sigma_min=args.sigma_min,
+                      sigma_max=args.sigma_max, iterations=args.iterations, teacher_steps=args.teacher_steps,
+                      decoupled=not args.no_decoupled, class_labels=labels, generator=g,
+                      progress=not args.no_progress, model_id=bed.name)
+    return _finish(sched, args.out)
+
+
+def _run_dp(args: argparse.Namespace) -> int:
+    from fastgen.samplers.dp import dp_schedules
+
+    if len(args.nfe) > 1 and "{nfe}" not in args.out:
+        raise ValueError("--out must contain '{nfe}' when several --nfe values are given")
+    coeff: Any = args.coeff
+    if coeff != "auto":
+        try:
+            coeff = [float(c) for c in coeff.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--coeff must be 'auto' or comma-separated numbers, got {args.coeff!r}") from err
+    bed = load_testbed(args.model)
+    g = torch.Generator().manual_seed(args.seed)
+    noise, labels = bed.noise(args.num_noise, g)
+    scheds = dp_schedules(bed.denoiser, noise, args.nfe, solver=args.solver, grid_size=args.grid_size,
+                          sigma_min=args.sigma_min, sigma_max=args.sigma_max, metric=args.metric.split(","),
+                          coeff=coeff, class_labels=labels, progress=not args.no_progress, model_id=bed.name)
+    for nfe, sched in scheds.items():
+        _finish(sched, args.out.replace("{nfe}", str(nfe)))
+    return 0
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from fastgen.samplers.schedule import Schedule
+
+    print(Schedule.load(Path(args.file)).summary())
+    return 0
