@@ -32,12 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a config value, e.g. --set steps=2000 --set method.divergence=forward_kl",
     )
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    p.add_argument(
-        "--export", metavar="NAME", default=None, help="also write the student to the model zoo as NAME"
-    )
-    p.add_argument(
-        "--eval", metavar="N", type=int, default=0, help="digits only: FD_digits of N student samples"
-    )
+    p.add_argument("--export", metavar="NAME", default=None, help="also write the student to the model zoo as NAME")
+    p.add_argument("--eval", metavar="N", type=int, default=0, help="digits only: FD_digits of N student samples")
     p.set_defaults(func=run)
 
 
@@ -48,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     if cfg.method.get("name") != "fdistill":
-        raise ValueError(
-            f"method.name must be 'fdistill' for fastgen distill, got {cfg.method.get('name')!r}"
-        )
+        raise ValueError(f"method.name must be 'fdistill' for fastgen distill, got {cfg.method.get('name')!r}")
+    import time
+
+    t0 = time.perf_counter()
     trainer = Trainer(cfg)
     records = trainer.train()
+    minutes = (time.perf_counter() - t0) / 60
     if not trainer.acc.is_main_process:
         return 0
     method: FDistill = trainer.method  # type: ignore[assignment]
@@ -62,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         "overrides": list(args.overrides),
         "steps": trainer.step,
         "divergence": method.config.divergence,
+        "minutes_this_invocation": round(minutes, 2),
     }
     fd = None
     if args.eval and cfg.data.name == "digits":

@@ -610,6 +610,8 @@ def build_teacher(spec: Any) -> tuple[nn.Module, dict[str, Any] | None]:
     ``spec`` is one of:
 
     - ``"digits-edm"`` or ``{"kind": "zoo", "name": "digits-edm"}``: a model of :mod:`fastgen.models.zoo`;
+    - ``{"kind": "checkpoint", "path": CKPT_DIR, "network": {"kind": ...}, "denoiser": {"type": "edm"},
+      "ema": "net"}``: the EMA weights of a fastgen trainer checkpoint (your own teacher run);
     - ``{"kind": "mixture", "mixture": "ring" | "grid" | "random", "options": {...}}``: an exact mixture;
     - ``{"kind": "diffusers", "path": DIR, "model_class": "UNet2DModel", "subfolder": "unet",
       "scheduler_config": DIR/scheduler/scheduler_config.json or a dict, "prediction_type": null}``:
@@ -636,6 +638,16 @@ def build_teacher(spec: Any) -> tuple[nn.Module, dict[str, Any] | None]:
         name = spec.get("name")
         info = zoo.model_info(name)  # ValueError naming the available models
         return zoo.load(name), {"network": info["network"], "wrap": info.get("denoiser", {"type": "edm"})}
+    if kind == "checkpoint":
+        from fastgen.distill.student import build_network_from_recipe, wrap_network
+        from fastgen.models.zoo import ema_state_from_checkpoint
+
+        if "network" not in spec:
+            raise ValueError("method.teacher (kind: checkpoint) needs 'network' (the build_network kwargs)")
+        net = build_network_from_recipe(spec["network"])
+        net.load_state_dict(ema_state_from_checkpoint(spec.get("path", ""), spec.get("ema", "net")))
+        wrap = dict(spec.get("denoiser", {"type": "edm"}))
+        return wrap_network(net, wrap), {"network": dict(spec["network"]), "wrap": wrap}
     if kind == "mixture":
         from fastgen.data import toy
 
@@ -674,7 +686,9 @@ def build_teacher(spec: Any) -> tuple[nn.Module, dict[str, Any] | None]:
             "wrap": {"type": "diffusers", "scheduler_config": dict(sched), "prediction_type": pred},
         }
         return teacher, recipe
-    raise ValueError(f"method.teacher.kind must be 'zoo', 'mixture' or 'diffusers', got {kind!r}")
+    raise ValueError(
+        f"method.teacher.kind must be 'zoo', 'checkpoint', 'mixture' or 'diffusers', got {kind!r}"
+    )
 
 
 def from_config(cfg: Any) -> FDistill:
