@@ -1,0 +1,60 @@
+"""``fastgen schedule``: writes valid schedule JSON files, shows them, rejects bad input with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastgen.cli import main
+from fastgen.samplers.schedule import Schedule
+
+
+def test_published_ays(tmp_path, capsys):
+    out = tmp_path / "a.json"
+    assert main(["schedule", "ays", "--published", "sdxl", "--out", str(out)]) == 0
+    s = Schedule.load(out)
+    assert s.method == "ays-published" and s.model == "sdxl" and float(s.sigmas[-1]) == pytest.approx(0.029)
+    out2 = tmp_path / "b.json"
+    assert main(["schedule", "ays", "--published", "sd15", "--steps", "20", "--terminal", "replace",
+                 "--out", str(out2)]) == 0
+    s2 = Schedule.load(out2)
+    assert s2.steps == 20 and s2.ends_in_zero
+    assert main(["schedule", "show", str(out2)]) == 0
+    assert "ays-published" in capsys.readouterr().out
+
+
+def test_dp_and_ld3_on_mixture(tmp_path):
+    pattern = str(tmp_path / "dp_{nfe}.json")
+    assert main(["schedule", "dp", "--model", "ring-mixture", "--solver", "ipndm", "--nfe", "4", "6",
+                 "--num-noise", "16", "--grid-size", "16", "--out", pattern, "--no-progress"]) == 0
+    for nfe in (4, 6):
+        data = json.loads((tmp_path / f"dp_{nfe}.json").read_text())
+        assert data["solver"] == "ipndm" and data["nfe"] == nfe and len(data["sigmas"]) == nfe + 1
+        assert data["sigmas"][-1] == 0.0
+    out = tmp_path / "ld3.json"
+    assert main(["schedule", "ld3", "--model", "ring-mixture", "--solver", "heun", "--nfe", "5",
+                 "--num-noise", "8", "--iterations", "5", "--out", str(out), "--no-progress"]) == 0
+    s = Schedule.load(out)
+    assert s.method == "ld3" and s.num_evals() == 5 and s.eval_sigmas is not None
+
+
+def test_ays_optimizer_on_mixture(tmp_path):
+    out = tmp_path / "ays.json"
+    assert main(["schedule", "ays", "--model", "ring-mixture", "--solver", "euler", "--nfe", "4",
+                 "--iterations", "1", "--samples", "16", "--val-noise", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    s = Schedule.load(out)
+    assert s.method == "ays" and s.steps == 4 and s.ends_in_zero and len(s.meta["knots"]) == 5
+
+
+def test_bad_input_exit_code(tmp_path, capsys):
+    assert main(["schedule", "show", str(tmp_path / "none.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["schedule", "ld3", "--model", "ring-mixture", "--solver", "heun", "--nfe", "2",
+                 "--out", str(tmp_path / "x.json"), "--no-progress"]) == 2
+    assert "too small" in capsys.readouterr().err
+    assert main(["schedule", "dp", "--model", "nope", "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["schedule", "dp", "--model", "ring-mixture", "--nfe", "4", "6",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert "{nfe}" in capsys.readouterr().err
