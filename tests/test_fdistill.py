@@ -371,3 +371,30 @@ def test_pipeline_image_outputs():
     assert len(pil) == 2 and pil[0].size == (8, 8)
     with pytest.raises(ValueError, match="output_type"):
         pipe(1, output_type="latent")
+
+
+def test_from_config_with_a_local_diffusers_vp_teacher(tmp_path):
+    """configs/distill/diffusers-vp.yaml with a tiny UNet2DModel saved locally (no downloads)."""
+    import json
+
+    import yaml
+
+    from _tiny_models import vp_scheduler_config
+    from fastgen.distill.fdistill import from_config
+    from fastgen.train.config import config_from_dict
+
+    tiny_unet(channels=1).save_pretrained(str(tmp_path / "unet"), safe_serialization=True)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(vp_scheduler_config()))
+    root = Path(__file__).resolve().parent.parent
+    data = yaml.safe_load((root / "configs" / "distill" / "diffusers-vp.yaml").read_text())
+    data["method"]["teacher"]["path"] = str(tmp_path)
+    m = from_config(config_from_dict(data))
+    assert abs(m.config.sigma_max - m.teacher.sigma_max) < 1e-9  # sigma range from the VP table
+    out = m.step({"x": torch.randn(4, 1, 8, 8), "label": torch.zeros(4)}, 0, torch.Generator().manual_seed(0))
+    assert set(out) == {"student", "critic"} and all(torch.isfinite(v) for v in out.values())
+    save_student(m.student, tmp_path / "st", (1, 8, 8))
+    loaded, _ = load_student(tmp_path / "st")
+    z = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z), m.student(z))
