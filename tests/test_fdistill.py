@@ -378,8 +378,8 @@ def test_from_config_with_a_local_diffusers_vp_teacher(tmp_path):
     import json
 
     import yaml
-
     from _tiny_models import vp_scheduler_config
+
     from fastgen.distill.fdistill import from_config
     from fastgen.train.config import config_from_dict
 
