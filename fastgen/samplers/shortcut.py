@@ -175,6 +175,43 @@ def flow_velocity(denoiser: Callable[..., torch.Tensor], t_min: float = 1e-7) ->
     return _FlowVelocity(denoiser, t_min)
 
 
+class ShortcutNet(nn.Module):
+    """Adapter from the shortcut call ``s(x_t, t, d, **cond)`` to a backbone ``net(x_t, t, d=d_in, **cond)``.
+
+    Args:
+        backbone: returns a velocity of the shape of ``x_t``; receives ``t`` (B,) raw in [0, 1]
+            (t = 0 noise) and the keyword ``d_key`` = :meth:`d_input` (B,) in [0, 1].
+        max_steps: M, a power of two; the smallest step is 1/M.
+        d_key: the keyword under which the backbone takes the step-size input.
+    """
+
+    def __init__(self, backbone: nn.Module, max_steps: int = 128, d_key: str = "d") -> None:
+        super().__init__()
+        bad = isinstance(max_steps, bool) or not isinstance(max_steps, int)
+        if bad or max_steps < 2 or max_steps & (max_steps - 1):
+            raise ValueError(f"max_steps must be a power of two >= 2 (e.g. 128), got {max_steps!r}")
+        self.backbone = backbone
+        self.max_steps = int(max_steps)
+        self.d_key = d_key
+
+    def d_input(self, d: torch.Tensor) -> torch.Tensor:
+        """``log2(1/d) / log2(M)``: 0 for d = 1, 1 for d = 1/M (the network's step-size input)."""
+        return torch.log2(1 / d) / num_levels(self.max_steps)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, d: torch.Tensor, **cond: Any) -> torch.Tensor:
+        out = self.backbone(x_t, t, **{self.d_key: self.d_input(d)}, **cond)
+        return out.sample if hasattr(out, "sample") else out
+
+
+def shortcut_denoiser(net: nn.Module, max_steps: int = 128, d_key: str = "d") -> ShortcutDenoiser:
+    """Model-zoo factory: ``ShortcutDenoiser(ShortcutNet(net, max_steps, d_key), d=1/max_steps)``.
+
+    The result is the model's flow-matching head as a VE denoiser (any fastgen solver); its ``.model``
+    is the :class:`ShortcutNet` for :func:`shortcut_sample` (1 to ``max_steps`` steps).
+    """
+    return ShortcutDenoiser(ShortcutNet(net, max_steps, d_key), d=1.0 / max_steps)
+
+
 def num_levels(max_steps: int) -> int:
     """``log2(max_steps)``: the number of shortcut levels above the flow-matching step ``1/max_steps``."""
     check_num_steps(max_steps)

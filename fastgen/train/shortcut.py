@@ -39,40 +39,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastgen.samplers.shortcut import num_levels
+from fastgen.samplers.shortcut import ShortcutNet, num_levels
+
+__all__ = ["ShortcutMethod", "ShortcutNet", "assign_levels", "bootstrap_target", "from_config"]
 
 FM_SIGMA_MIN = 1e-5
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-class ShortcutNet(nn.Module):
-    """Adapter from the shortcut call ``s(x_t, t, d, **cond)`` to a backbone ``net(x_t, t, d=d_in, **cond)``.
-
-    Args:
-        backbone: returns a velocity of the shape of ``x_t``; receives ``t`` (B,) raw in [0, 1]
-            (t = 0 noise) and the keyword ``d_key`` = :meth:`d_input` (B,) in [0, 1].
-        max_steps: M, a power of two; the smallest step is 1/M.
-        d_key: the keyword under which the backbone takes the step-size input.
-    """
-
-    def __init__(self, backbone: nn.Module, max_steps: int = 128, d_key: str = "d") -> None:
-        super().__init__()
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2 or max_steps & (max_steps - 1):
-            raise ValueError(f"max_steps must be a power of two >= 2 (e.g. 128), got {max_steps!r}")
-        self.backbone = backbone
-        self.max_steps = int(max_steps)
-        self.d_key = d_key
-
-    def d_input(self, d: torch.Tensor) -> torch.Tensor:
-        """``log2(1/d) / log2(M)``: 0 for d = 1, 1 for d = 1/M (the network's step-size input)."""
-        return torch.log2(1 / d) / num_levels(self.max_steps)
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, d: torch.Tensor, **cond: Any) -> torch.Tensor:
-        out = self.backbone(x_t, t, **{self.d_key: self.d_input(d)}, **cond)
-        return out.sample if hasattr(out, "sample") else out
 
 
 def assign_levels(num_boot: int, levels: int, step: int = 0, strict: bool = False) -> torch.Tensor:
@@ -127,8 +102,11 @@ def bootstrap_target(
         v = model(x, tt, half, **cond)
         if cfg_scale is not None and cfg_mask is not None and bool(cfg_mask.any()):
             m = cfg_mask
-            sub = {k: (v_[m] if isinstance(v_, torch.Tensor) and v_.ndim >= 1 else v_) for k, v_ in cond.items()}
-            un = {k: (v_[m] if isinstance(v_, torch.Tensor) and v_.ndim >= 1 else v_) for k, v_ in (uncond or {}).items()}
+
+            def rows(kw: Mapping[str, Any]) -> dict[str, Any]:
+                return {k: (a[m] if isinstance(a, torch.Tensor) and a.ndim >= 1 else a) for k, a in kw.items()}
+
+            sub, un = rows(cond), rows(uncond or {})
             vc = v[m]
             vu = model(x[m], tt[m], half[m], **{**sub, **un})
             v = v.clone()
@@ -204,6 +182,7 @@ class ShortcutMethod:
         self.strict_levels = bool(strict_levels)
         self.target_net = copy.deepcopy(model).requires_grad_(False).eval()
         self.ema_updates = 0
+        self._last_update_step: int | None = None
         self.last_logs: dict[str, float] = {}
 
     # -- Method protocol ---------------------------------------------------------------------
@@ -303,7 +282,9 @@ class ShortcutMethod:
     ) -> Mapping[str, torch.Tensor]:
         """One loss ``{"main": mean_rows(mean_pixels((s(x_t, t, d, y) - target)^2))}``."""
         x1 = batch["x"]
-        self.update_target()
+        if self._last_update_step != step:  # once per optimizer step, also under gradient accumulation
+            self.update_target()
+            self._last_update_step = step
         inp = self.make_batch(x1, batch.get("label"), step, generator)
         cond = {"class_labels": inp["labels"]} if "labels" in inp else {}
         v = self.model(inp["x_t"], inp["t"], inp["d"], **cond)
@@ -316,3 +297,25 @@ class ShortcutMethod:
             "bootstrap_loss": float(per_row[boot].mean()) if boot.any() else 0.0,
         }
         return {"main": loss}
+
+
+def from_config(cfg: Any) -> ShortcutMethod:
+    """Factory for ``method: {name: shortcut, max_steps: 128, d_key: d, ...ShortcutMethod kwargs}``.
+
+    Builds ``cfg.network`` (which must declare the scalar ``d_key``, e.g. ``scalars: [d]``) and wraps it in
+    :class:`ShortcutNet`; the trainer's EMA of ``"net"`` therefore has ``backbone.``-prefixed keys.
+    """
+    from fastgen.models.nets import build_network
+    from fastgen.train.method import check_kwargs, method_kwargs
+
+    kw = method_kwargs(cfg)
+    max_steps = int(kw.pop("max_steps", 128))
+    d_key = str(kw.pop("d_key", "d"))
+    check_kwargs(ShortcutMethod.__init__, kw, "shortcut method")
+    net_kw = dict(cfg.network)
+    if d_key not in tuple(net_kw.get("scalars", ())):
+        raise ValueError(f"network.scalars must include {d_key!r} for a shortcut model, got {net_kw.get('scalars')}")
+    if "num_classes" not in kw and net_kw.get("num_classes"):
+        kw["num_classes"] = int(net_kw["num_classes"])
+    backbone = build_network(net_kw.pop("kind"), **net_kw)
+    return ShortcutMethod(ShortcutNet(backbone, max_steps, d_key), **kw)
