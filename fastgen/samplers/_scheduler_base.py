@@ -447,29 +447,29 @@ class PlanSchedulerMixin:
             return x_fm - (sigma / (1 + sigma)) * out
         pt = self.config.prediction_type
         if pt == "epsilon":
-            return x - sigma * out
+            return torch.add(x, out, alpha=-sigma)
         if pt == "v_prediction":
             scale = 1 / math.sqrt(1 + sigma * sigma)
             return scale * (x * scale) - (sigma * scale) * out
         return out
 
     def _advance(self, x: torch.Tensor, denoised: torch.Tensor, c: int) -> torch.Tensor:
-        """One solver stage in VE sigma; mirrors ``fastgen.core.solvers`` step by step."""
+        """One solver stage in VE sigma: the formulas of ``fastgen.core.solvers`` as fused tensor ops."""
         calls = self._calls
         s, sn = calls.step_from[c], calls.step_to[c]
         solver = calls.solver
+        if solver == "euler":  # D + (sn / s) (x - D)
+            return torch.lerp(denoised, x, sn / s)
         if solver == "heun":
-            if calls.stage[c] == 0:
-                d = (x - denoised) / s
+            if calls.stage[c] == 0:  # d = (x - D) / s;  x + (sn - s) d
+                d = torch.sub(x, denoised).div_(s)
                 if sn > 0:
                     self._heun = (x, d)
-                return x + (sn - s) * d
+                return torch.add(x, d, alpha=sn - s)
             x0, d = self._heun
             self._heun = None
-            d_2 = (x - denoised) / sn
-            return x0 + (sn - s) * (d + d_2) / 2
-        if solver == "euler":
-            return denoised + (sn / s) * (x - denoised)
+            d_2 = torch.sub(x, denoised).div_(sn)  # x0 + (sn - s) (d + d_2) / 2
+            return torch.add(x0, d.add_(d_2), alpha=(sn - s) / 2)
         if solver == "dpmpp_2m":
             old, self._old_denoised = self._old_denoised, denoised
             if sn == 0:
@@ -479,16 +479,19 @@ class PlanSchedulerMixin:
                 d_hat = denoised
             else:
                 r = self._h_last / h
-                d_hat = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+                d_hat = torch.mul(denoised, 1 + 1 / (2 * r)).add_(old, alpha=-1 / (2 * r))
             self._h_last = h
-            return (sn / s) * x - math.expm1(-h) * d_hat
+            return torch.mul(x, sn / s).add_(d_hat, alpha=-math.expm1(-h))
         if solver == "ipndm":
             from fastgen.core.solvers import _IPNDM_COEFFS
 
-            self._history.insert(0, (x - denoised) / s)
-            self._history = self._history[:4]
+            self._history.insert(0, torch.sub(x, denoised).div_(s))
+            del self._history[4:]
             coeffs = _IPNDM_COEFFS[len(self._history) - 1]
-            return x + (sn - s) * sum(k * h for k, h in zip(coeffs, self._history))
+            d_comb = torch.mul(self._history[0], coeffs[0])
+            for k, h in zip(coeffs[1:], self._history[1:]):
+                d_comb.add_(h, alpha=k)
+            return d_comb.mul_(sn - s).add_(x)
         raise ValueError(f"unknown solver {solver!r}")
 
     def step(
@@ -534,7 +537,7 @@ class PlanSchedulerMixin:
         for lo, hi in calls.jumps[c]:
             x_next = jump(x_next, lo, hi, s_noise, gen)
         f_next = self._to_ve_factor(calls.after[c])
-        prev = x_next / f_next if f_next != 1.0 else x_next
+        prev = x_next.div_(f_next) if f_next != 1.0 else x_next  # x_next is a fresh tensor when f_next != 1
         self._step_index = c + 1
         prev = prev.to(sample.dtype)
         denoised = denoised.to(sample.dtype)
