@@ -319,3 +319,61 @@ def test_gaussian_one_step_shortcut_vs_flow_matching():
     assert torch.allclose(x_sc.mean(0), mu, atol=0.1)
     assert ((x_sc.std(0) - 0.5).abs() < 0.05).all()  # within 10% of s = 0.5
     assert (x_fm.std(0) < 0.2).all()  # flow matching at 1 step: mass pulled to the mean (0 if exact)
+
+
+class CountingVelocity(nn.Module):
+    """s(x, t, d, class_labels) = x + label (null label 8 -> 0); counts calls and their batch sizes."""
+
+    max_steps = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.sizes: list[int] = []
+
+    def forward(self, x, t, d, class_labels=None):
+        self.sizes.append(x.shape[0])
+        lab = torch.zeros(x.shape[0]) if class_labels is None else class_labels.float() % 8
+        return self.w * x + lab[:, None]
+
+
+def test_bootstrap_cfg_applies_only_to_the_smallest_level_and_counts_calls():
+    model = CountingVelocity()
+    method = ShortcutMethod(model, num_classes=8, bootstrap_cfg_scale=1.5, clip=None)
+    target_net = method.target_net
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(256, 2, generator=g)
+    labels = (torch.arange(256) % 7) + 1  # never the null label
+    inp = method.make_batch(x1, labels, 0, g)
+    # 2 half-step calls on the 32 bootstrap rows + 2 unconditional calls on the 4 rows of level 6 (d = 1/64)
+    assert target_net.sizes == [32, 4, 32, 4]
+    boot, lev = inp["is_boot"], inp["level"]
+    x_t, t, d = inp["x_t"][boot], inp["t"][boot], inp["d"][boot]
+    plain = bootstrap_target(target_net, x_t, t, d, clip=None, class_labels=labels[:32])
+    guided = lev == 6
+    assert torch.allclose(inp["target"][:32][~guided], plain[~guided])
+    # v = v_u + w (v_c - v_u) with v_c = x + y, v_u = x (null label): both half steps get x + 1.5 y
+    y = labels[:32][guided].float()[:, None]
+    xg, hg = x_t[guided], d[guided][:, None] / 2
+    v1 = xg + 1.5 * y
+    v2 = (xg + hg * v1) + 1.5 * y
+    assert torch.allclose(inp["target"][:32][guided], (v1 + v2) / 2, atol=1e-6)
+
+
+def test_trainer_runs_the_mixture_shortcut_config(tmp_path):
+    from fastgen.train import Trainer, load_config
+
+    cfg = load_config("configs/train/mixture-shortcut.yaml",
+                      ["steps=3", "batch_size=64", f"output_dir={tmp_path}", "progress=false", "log_every=1"])
+    trainer = Trainer(cfg)
+    recs = trainer.train()
+    assert len(recs) == 3 and all(math.isfinite(r["loss/main"]) for r in recs)
+    assert trainer.method.ema_updates == 3  # once per optimizer step
+    assert "target_net" in trainer.method.frozen()
+    # the method's state (the bootstrap-target EMA) round-trips through the checkpoint
+    resumed = Trainer(load_config("configs/train/mixture-shortcut.yaml",
+                                  ["steps=3", "batch_size=64", f"output_dir={tmp_path}", "progress=false"]))
+    resumed._maybe_resume()
+    assert resumed.method.ema_updates == 3
+    for a, b in zip(resumed.method.target_net.parameters(), trainer.method.target_net.parameters()):
+        assert torch.equal(a, b)
