@@ -9,6 +9,7 @@
 #   TEACHER='{"kind": "checkpoint", "path": "runs/digits-edm/checkpoints/step_00010000",
 #             "network": {"kind": "mlp", "in_dim": 64, "width": 256, "depth": 4, "mult": 2, "num_classes": 10}}'
 # EXPORT=1 also writes each student into fastgen/models/weights/digits-fdistill-<div>.*
+# PARALLEL=1 runs the divergences as parallel processes (one thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${1:-6000}"
@@ -22,8 +23,13 @@ for div in "${DIVS[@]}"; do
   [ -n "${TEACHER:-}" ] && args+=(--set "method.teacher=${TEACHER}")
   [ -n "${EXPORT:-}" ] && args+=(--export "digits-fdistill-${div}")
   echo ">>> fastgen ${args[*]}"
-  "$PY" -m fastgen.cli "${args[@]}"
+  if [ -n "${PARALLEL:-}" ]; then
+    "$PY" -m fastgen.cli "${args[@]}" > "runs/digits-fdistill-${div}.log" 2>&1 &
+  else
+    "$PY" -m fastgen.cli "${args[@]}"
+  fi
 done
+wait
 "$PY" - "${DIVS[@]}" <<'PYEOF'
 """Collect the runs' student.json files into benchmarks/results/fdistill_digits.json."""
 import json, os, sys
