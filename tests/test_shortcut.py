@@ -377,3 +377,25 @@ def test_trainer_runs_the_mixture_shortcut_config(tmp_path):
     assert resumed.method.ema_updates == 3
     for a, b in zip(resumed.method.target_net.parameters(), trainer.method.target_net.parameters()):
         assert torch.equal(a, b)
+
+
+def test_zoo_roundtrip_of_a_shortcut_model(tmp_path):
+    from fastgen.models.nets import build_network
+    from fastgen.models.zoo import export_model, load
+
+    torch.manual_seed(0)
+    spec = {"kind": "mlp", "in_dim": 2, "width": 16, "depth": 1, "num_classes": 3, "scalars": ["d"]}
+    net = build_network(**spec)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+    export_model(net, "toy-shortcut", spec, {"type": "fastgen.samplers.shortcut:shortcut_denoiser", "max_steps": 8},
+                 weights_dir=tmp_path, dtype=torch.float32)
+    den = load("toy-shortcut", weights_dir=tmp_path)
+    assert isinstance(den, ShortcutDenoiser) and den.d == 1 / 8 and den.model.max_steps == 8
+    x = torch.randn(5, 2)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    ref = ShortcutNet(net, 8)
+    t, d = torch.full((5,), 0.25), torch.full((5,), 0.5)
+    assert torch.allclose(den.model(x, t, d, class_labels=y), ref(x, t, d, class_labels=y))
+    out = shortcut_sample(den.model, x, 2, class_labels=y)
+    assert torch.allclose(out, shortcut_sample(ref, x, 2, class_labels=y))
