@@ -241,3 +241,16 @@ def test_two_processes_match_one(tmp_path):
     assert l1[0] != l1[-1]
     for k in w1:
         assert torch.allclose(w1[k].float(), w2[k].float(), rtol=1e-4, atol=1e-6), k
+
+
+def test_bf16_autocast_and_flow_method(tmp_path):
+    """bf16 mixed precision runs (loss close to the fp32 loss of the same step) and the flow method trains."""
+    base = tiny_cfg(tmp_path / "a", steps=2, checkpoint_every=100)
+    fp32 = Trainer(config_from_dict(base)).train()
+    bf16 = Trainer(config_from_dict({**base, "output_dir": str(tmp_path / "b"), "mixed_precision": "bf16"})).train()
+    assert bf16[1]["loss/main"] == pytest.approx(fp32[1]["loss/main"], rel=0.05)  # step 0: zero output layer
+    assert bf16[1]["loss/main"] != fp32[1]["loss/main"]
+    flow = tiny_cfg(tmp_path / "c", steps=40, checkpoint_every=100, method={"name": "flow"},
+                    optim={"lr": 0.01, "warmup_steps": 0})
+    rec = Trainer(config_from_dict(flow)).train()
+    assert rec[-1]["loss/main"] < 0.8 * rec[0]["loss/main"]

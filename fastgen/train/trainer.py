@@ -126,7 +126,9 @@ class Trainer:
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(int(cfg.num_threads))
-        self.acc = accelerator or Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+        # autocast is applied by the trainer itself (torch.autocast), so Accelerators with different
+        # precisions can coexist in one process (accelerate's state is a process-wide singleton)
+        self.acc = accelerator or Accelerator(cpu=cfg.cpu)
         self.device = self.acc.device
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
@@ -296,7 +298,7 @@ class Trainer:
             seed = shard_seed(cfg.seed, step, shard)
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
-            with self.acc.autocast():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
                 losses = self.method.step(batch, step, gen)
             if not losses:
                 raise ValueError(f"method.step returned no losses at step {step}")
