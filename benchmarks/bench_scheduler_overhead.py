@@ -8,6 +8,7 @@ latents, measured in the same run and reported as ratios. Target: <= 1.2x Euler.
 from __future__ import annotations
 
 import inspect
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,26 +62,31 @@ def main() -> None:
     }
     body = [
         f"Microseconds per network call spent in `scale_model_input` + `step` (no model), {steps} inference "
-        f"steps, SD-1.5 config, best of {repeats} loops, 1 thread. Ratio = time / EulerDiscrete time in the "
-        "same run (Heun-type schedulers are also compared with Diffusers' HeunDiscrete).\n",
+        f"steps, SD-1.5 config, {repeats} interleaved repeats, 1 thread. Ratios are medians over repeats of "
+        "time / EulerDiscrete time in the same repeat (paired, so machine load cancels); Heun-type "
+        "schedulers are also compared with Diffusers' HeunDiscrete. The machine is shared, so absolute "
+        "times are noisy; the paired ratios are the numbers to read.\n",
     ]
     worst = 0.0
     for shape in [(1, 4, 64, 64), (4, 4, 64, 64), (1, 4, 16, 16)]:
         scheds = {name: make() for name, make in contenders.items()}
-        res: dict[str, tuple[float, int]] = {}
-        for _ in range(repeats):  # interleaved, best of `repeats`, so machine load hits all alike
+        times: dict[str, list[float]] = {name: [] for name in scheds}
+        calls: dict[str, int] = {}
+        for _ in range(repeats):  # interleaved: each repeat times every scheduler back to back
             for name, sched in scheds.items():
-                us, calls = time_loop(sched, shape, steps)
-                res[name] = (min(us, res.get(name, (float("inf"), 0))[0]), calls)
-        base = res["Diffusers EulerDiscrete (karras)"][0]
-        heun = res["Diffusers HeunDiscrete (karras)"][0]
+                us, calls[name] = time_loop(sched, shape, steps)
+                times[name].append(us)
+        euler, heun = times["Diffusers EulerDiscrete (karras)"], times["Diffusers HeunDiscrete (karras)"]
         rows = []
-        for name, (us, calls) in res.items():
-            rows.append([name, calls, us, us / base, us / heun])
+        for name, ts in times.items():
+            r_euler = statistics.median(t / e for t, e in zip(ts, euler))  # paired, same repeat
+            r_heun = statistics.median(t / h for t, h in zip(ts, heun))
+            rows.append([name, calls[name], min(ts), statistics.median(ts), r_euler, r_heun])
             if name.startswith("Fastgen") or name.startswith("Restart"):
-                worst = max(worst, us / base)
+                worst = max(worst, r_euler)
         body += [f"### latents {tuple(shape)}\n",
-                 markdown_table(["scheduler", "calls", "us / call", "x Euler", "x Heun"], rows), ""]
+                 markdown_table(["scheduler", "calls", "min us / call", "median us / call", "x Euler",
+                                "x Heun"], rows), ""]
     body.append(f"Worst fastgen ratio to Euler over all shapes: **{worst:.2f}x** (target <= 1.2x).")
     write_section("scheduler_overhead", "Scheduler overhead per step (model excluded)", "\n".join(body))
     print("\n".join(body))

@@ -479,3 +479,11 @@ def test_begin_index_img2img_rules():
     out = vp.add_noise(x0, noise, vp.timesteps[b : b + 1])
     s = vp._calls.sigmas[b]
     assert torch.allclose(out, torch.full_like(x0, s / math.sqrt(1 + s * s)), rtol=1e-6)
+
+
+def test_get_velocity_matches_ddpm():
+    ddpm = DDPMScheduler()
+    ours = RestartScheduler.from_config(ddpm.config)
+    x, n = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    assert torch.allclose(ours.get_velocity(x, n, t), ddpm.get_velocity(x, n, t), atol=1e-5)

@@ -434,6 +434,15 @@ class PlanSchedulerMixin:
             x = x / (1 + s)
         return x.to(original_samples.dtype)
 
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """VP v-target ``sqrt(abar_t) noise - sqrt(1 - abar_t) sample`` at training timesteps (for training code)."""
+        if self._vp is None:
+            raise ValueError("get_velocity is defined for VP configs; flow models predict eps - x0 directly")
+        table = self._vp.table_sigmas.to(sample.device)
+        idx = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1)
+        abar = (1 / (1 + table[idx] ** 2)).reshape(-1, *([1] * (sample.ndim - 1)))
+        return (abar.sqrt() * noise.double() - (1 - abar).sqrt() * sample.double()).to(sample.dtype)
+
     def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor) -> torch.Tensor:
         """Flow pipelines' name for :meth:`add_noise` (``(1 - t) x0 + t eps`` in flow mode)."""
         return self.add_noise(sample, noise, timestep)
