@@ -57,9 +57,7 @@ def iter_source(source: Source, batch_size: int = 64) -> tuple[Iterator[torch.Te
             return _io.iter_folder_batches(path, batch_size), len(files)
         if path.suffix == ".npz":
             if _io.is_stats_file(path):
-                raise ValueError(
-                    f"{path} holds statistics (mu/sigma), not images; it can only be a FID reference"
-                )
+                raise ValueError(f"{path} holds statistics (mu/sigma), not images; it can only be a FID reference")
             return iter_source(_io.load_npz_images(path), batch_size)
         if not path.exists():
             raise FileNotFoundError(f"no such folder or .npz file: {path}")
@@ -136,9 +134,7 @@ def extract_features(
                 kept_f.append(f.detach().float().cpu())
             if keep_logits:
                 if logits is None:
-                    raise ValueError(
-                        "this feature network has no class logits (needed for the Inception Score)"
-                    )
+                    raise ValueError("this feature network has no class logits (needed for the Inception Score)")
                 kept_l.append(logits.detach().float().cpu())
             seen += f.shape[0]
             bar.update(f.shape[0])
@@ -152,9 +148,7 @@ def extract_features(
     )
 
 
-def compute_reference_stats(
-    source: Source, features: Features = "inception", **kw: Any
-) -> _io.ReferenceStats:
+def compute_reference_stats(source: Source, features: Features = "inception", **kw: Any) -> _io.ReferenceStats:
     """Statistics (``mu``, ``sigma``, metadata) of a source; keyword arguments as :func:`extract_features`."""
     return extract_features(source, features, **kw).reference()
 
@@ -407,9 +401,7 @@ def evaluate(
         out["is_mean"], out["is_std"] = inception_score(fake.logits, is_splits)
     if "kid" in metrics:
         assert ref_set is not None and ref_set.features is not None and fake.features is not None
-        out["kid_mean"], out["kid_std"] = kid(
-            ref_set.features, fake.features, kid_subsets, kid_subset_size, seed
-        )
+        out["kid_mean"], out["kid_std"] = kid(ref_set.features, fake.features, kid_subsets, kid_subset_size, seed)
     if "pr" in metrics:
         assert ref_set is not None and ref_set.features is not None and fake.features is not None
         out["precision"], out["recall"] = precision_recall(ref_set.features, fake.features, pr_k)

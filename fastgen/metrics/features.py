@@ -41,15 +41,14 @@ def images_to_uint8(images: torch.Tensor, name: str = "images") -> torch.Tensor:
         raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}")
     c = images.shape[1]
     if c not in (1, 3):
-        raise ValueError(
-            f"{name} must have 1 or 3 channels (N, C, H, W), got C={c} (shape {tuple(images.shape)})"
-        )
+        raise ValueError(f"{name} must have 1 or 3 channels (N, C, H, W), got C={c} (shape {tuple(images.shape)})")
     if images.dtype == torch.uint8:
         x = images
     elif images.is_floating_point():
-        if not torch.isfinite(images).all():
+        peak = images.abs().max() if images.numel() else torch.zeros(())
+        if not torch.isfinite(peak):  # max propagates NaN; Inf stays Inf
             raise ValueError(f"{name} contains NaN or Inf")
-        if images.numel() and images.abs().max() > FLOAT_RANGE_LIMIT:
+        if peak > FLOAT_RANGE_LIMIT:
             raise ValueError(
                 f"float {name} must lie in [-1, 1], got values in [{float(images.min()):.4g}, "
                 f"{float(images.max()):.4g}]; pass uint8 for 0..255 images or rescale with x / 127.5 - 1"
@@ -175,13 +174,9 @@ class ModuleExtractor(FeatureExtractor):
         device: where the module runs (default: where its parameters are, else CPU).
     """
 
-    def __init__(
-        self, module: nn.Module, name: str = "custom", device: str | torch.device | None = None
-    ) -> None:
+    def __init__(self, module: nn.Module, name: str = "custom", device: str | torch.device | None = None) -> None:
         if not isinstance(module, nn.Module):
-            raise ValueError(
-                f"features must be 'inception', 'digits' or an nn.Module, got {type(module).__name__}"
-            )
+            raise ValueError(f"features must be 'inception', 'digits' or an nn.Module, got {type(module).__name__}")
         self.module = module.eval()
         self.name = name
         if device is None:

@@ -86,9 +86,7 @@ def resize_to_inception(x: torch.Tensor, mode: str = "tf") -> torch.Tensor:
     if mode == "tf":
         return tf_bilinear_resize(x, INPUT_SIZE)
     if mode == "antialias":
-        return F.interpolate(
-            x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True
-        )
+        return F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True)
     raise ValueError(f"resize='none' needs 299x299 images, got {tuple(x.shape[2:])}")
 
 
@@ -246,9 +244,7 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(
-                f"FIDInceptionV3 expects uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}"
-            )
+            raise ValueError(f"FIDInceptionV3 expects uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
         dtype = self.fc.weight.dtype
         x = resize_to_inception(x.to(dtype), self.resize)
         x = (x - 128) / 128

@@ -44,11 +44,7 @@ def save_stats(
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     mu_np = mu.detach().cpu().double().numpy() if isinstance(mu, torch.Tensor) else np.asarray(mu, np.float64)
-    sig_np = (
-        sigma.detach().cpu().double().numpy()
-        if isinstance(sigma, torch.Tensor)
-        else np.asarray(sigma, np.float64)
-    )
+    sig_np = sigma.detach().cpu().double().numpy() if isinstance(sigma, torch.Tensor) else np.asarray(sigma, np.float64)
     if mu_np.ndim != 1 or sig_np.shape != (mu_np.shape[0],) * 2:
         raise ValueError(f"mu must be (d,) and sigma (d, d), got {mu_np.shape} and {sig_np.shape}")
     extra = {k: np.array(str(v)) for k, v in meta.items()}
@@ -87,9 +83,7 @@ def load_stats(path: str | Path) -> ReferenceStats:
     try:
         with _open_npz(path) as f:
             if "mu" not in f.files or "sigma" not in f.files:
-                raise ValueError(
-                    f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(f.files)}); not a statistics file"
-                )
+                raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(f.files)}); not a statistics file")
             mu = np.asarray(f["mu"], dtype=np.float64)
             sigma = np.asarray(f["sigma"], dtype=np.float64)
             meta = {k: str(f[k]) for k in f.files if k not in ("mu", "sigma") and f[k].ndim == 0}
@@ -171,9 +165,7 @@ def iter_folder_batches(folder: str | Path, batch_size: int = 64) -> Iterator[to
         arrs = [_read_image(p) for p in files[i : i + batch_size]]
         shapes = {a.shape for a in arrs}
         if len(shapes) != 1:
-            raise ValueError(
-                f"images in {folder} differ in size/channels: {sorted(shapes)[:3]}; resize them first"
-            )
+            raise ValueError(f"images in {folder} differ in size/channels: {sorted(shapes)[:3]}; resize them first")
         yield _to_nchw(np.stack(arrs), str(folder))
 
 

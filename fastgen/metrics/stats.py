@@ -105,9 +105,7 @@ class FeatureStatistics(Metric):
             self._defaults["features_sum"] = torch.zeros(d, dtype=torch.float64)
             self._defaults["features_cov_sum"] = torch.zeros(d, d, dtype=torch.float64)
         elif d != self._d:
-            raise ValueError(
-                f"features have d={d} but these statistics hold d={self._d} (mismatched feature sizes)"
-            )
+            raise ValueError(f"features have d={d} but these statistics hold d={self._d} (mismatched feature sizes)")
 
     def update(self, features: torch.Tensor) -> None:  # type: ignore[override]
         """Add a batch of features, shape ``(B, d)`` (any float dtype; accumulated in float64)."""
@@ -115,11 +113,12 @@ class FeatureStatistics(Metric):
             raise ValueError(f"features must be a torch.Tensor (B, d), got {type(features).__name__}")
         if features.dim() != 2:
             raise ValueError(f"features must have shape (B, d), got {tuple(features.shape)}")
-        if not torch.isfinite(features).all():
-            raise ValueError("features contain NaN or Inf")
         self._ensure(int(features.shape[1]))
         f = features.detach().to(device=self.features_sum.device, dtype=torch.float64)
-        self.features_sum += f.sum(dim=0)
+        s = f.sum(dim=0)
+        if not torch.isfinite(s).all():  # a NaN/Inf anywhere shows in the float64 column sums
+            raise ValueError("features contain NaN or Inf")
+        self.features_sum += s
         self.features_cov_sum += f.t().mm(f)
         self.num_samples += f.shape[0]
 
