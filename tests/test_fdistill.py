@@ -431,3 +431,24 @@ def test_real_trainer_runs_fdistill_and_resumes_exactly(tmp_path):
     z = torch.randn(5, 2)
     with torch.no_grad():
         assert torch.isfinite(full.ema_network("student")(z)).all()
+
+
+def test_saved_student_is_a_zoo_model(tmp_path):
+    from fastgen.models import zoo
+    from fastgen.models.nets import build_network
+
+    spec = {"kind": "mlp", "in_dim": 4, "width": 16, "depth": 1, "num_classes": 3}
+    torch.manual_seed(0)
+    net = build_network(**spec)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    wrap = {"type": "edm", "sigma_data": 0.5}
+    student = OneStepStudent(EDMDenoiser(net, sigma_data=0.5), sigma=80.0, recipe={"network": spec, "wrap": wrap})
+    save_student(student, tmp_path / "digits-fdistill-test", (4,))
+    assert "digits-fdistill-test" in zoo.list_models(tmp_path)
+    loaded = zoo.load("digits-fdistill-test", weights_dir=tmp_path)
+    assert isinstance(loaded, OneStepStudent) and loaded.sigma == 80.0
+    z, lab = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, lab), student(z, lab))
