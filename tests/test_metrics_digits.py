@@ -78,3 +78,26 @@ def test_bad_inputs(train):
         digits_fd(train.images, reference="validation")
     with pytest.raises(ValueError, match="float"):
         digits_fd(torch.zeros(4, 1, 8, 8, dtype=torch.int64))
+
+
+def test_streaming_from_an_endless_sampler(train):
+    from fastgen.metrics import FrechetDistance, extract_features
+
+    drawn = []
+
+    def sampler():  # an endless generator, as a sampler loop would be
+        i = 0
+        while True:
+            drawn.append(i)
+            yield train.images[(torch.arange(128) + 128 * i) % len(train)]
+            i += 1
+
+    fs = extract_features(sampler(), "digits", max_samples=600, progress=False)
+    assert fs.stats.count == 600 and len(drawn) == 5  # ceil(600 / 128) batches, none wasted
+    metric = FrechetDistance("digits:test", features="digits", progress=False)
+    for batch in torch.split(train.images, 100):
+        metric.update(batch)
+    assert metric.compute() == pytest.approx(digits_fd(train.images), rel=1e-9)
+    metric.reset()
+    metric.update(train.images[train.labels == 3])
+    assert metric.compute() == pytest.approx(digits_fd(train.images[train.labels == 3]), rel=1e-9)

@@ -117,6 +117,8 @@ def extract_features(
     ex = get_extractor(features, inception_weights=inception_weights, resize=resize, device=device)
     batches, total = iter_source(source, batch_size)
     if max_samples is not None:
+        if not isinstance(max_samples, int) or max_samples < 2:
+            raise ValueError(f"max_samples must be an int >= 2 (or None), got {max_samples!r}")
         total = max_samples if total is None else min(total, max_samples)
     stats = FeatureStatistics(ex.num_features)
     kept_f: list[torch.Tensor] = []
@@ -125,8 +127,6 @@ def extract_features(
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for batch in batches:
             if max_samples is not None:
-                if seen >= max_samples:
-                    break
                 batch = batch[: max_samples - seen]
             f, logits = ex(batch)
             stats.update(f)
@@ -138,6 +138,8 @@ def extract_features(
                 kept_l.append(logits.detach().float().cpu())
             seen += f.shape[0]
             bar.update(f.shape[0])
+            if max_samples is not None and seen >= max_samples:
+                break  # do not draw another batch from a (possibly endless) sampler
     if stats.count < 2:
         raise ValueError(f"at least 2 images are needed, got {stats.count}")
     return FeatureSet(

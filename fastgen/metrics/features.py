@@ -119,8 +119,14 @@ class InceptionExtractor(FeatureExtractor):
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = images_to_uint8(images).to(self.device)
-        with torch.no_grad():
-            pool, logits = self.net(x)
+        # TF32 matmuls/convolutions make CUDA features depend on the batch size: off while evaluating
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.no_grad():
+                pool, logits = self.net(x)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
         return pool, logits
 
     def metadata(self) -> dict[str, str]:
