@@ -22,6 +22,8 @@ from _tiny_models import (  # noqa: E402
     tiny_cond_unet,
     tiny_flux_cond,
     tiny_flux_transformer,
+    tiny_sd3_cond,
+    tiny_sd3_transformer,
     tiny_text_states,
     tiny_unet,
     vp_scheduler_config,
@@ -38,6 +40,7 @@ from diffusers import (  # noqa: E402
     FluxPipeline,
     HeunDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
@@ -255,6 +258,35 @@ def test_flux_pipeline_fastgen_heun_equals_function(flux_setup):
     sigmas = sched._flat[0]
     den, x_fm, cond = flux_reference(tr, seen)
     x = solvers.heun(den, x_fm * (1 + sigmas[0].item()), sigmas, **cond)
+    assert rel_err(out, x) <= TOL
+
+
+def test_sd3_pipeline_restart_equals_function():
+    import copy
+
+    tr = tiny_sd3_transformer()
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    sched = RestartScheduler.from_config(config, restart_segments=[[3, 1, 1.0, 4.0]])
+    sched.set_generator(torch.Generator().manual_seed(9))
+    pipe = StableDiffusion3Pipeline(
+        transformer=tr, scheduler=sched, vae=tiny_vae(4), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    seen: dict = {}
+    tr.register_forward_pre_hook(lambda m, a, k: seen.update(k) if not seen else None, with_kwargs=True)
+    calls = count_calls(tr)
+    c = tiny_sd3_cond(1)
+    out = pipe(prompt_embeds=c["encoder_hidden_states"], pooled_prompt_embeds=c["pooled_projections"],
+               guidance_scale=1.0, num_inference_steps=5, height=16, width=16,
+               generator=torch.Generator().manual_seed(0), output_type="latent").images
+    plan = sched.restart_plan()
+    assert out.shape == (1, 4, 8, 8) and len(calls) == plan.nfe == 2 * 5 - 1 + 4
+    den = from_diffusers(copy.deepcopy(tr).double(), config)
+    assert den.timestep_scale == 1000.0  # SD3 transformers take t * 1000
+    cond = {k: seen[k].double() for k in ("encoder_hidden_states", "pooled_projections")}
+    x = restart_sample(den, seen["hidden_states"].double() * (1 + plan.sigmas[0].item()), plan=plan,
+                       generator=torch.Generator().manual_seed(9), **cond)
     assert rel_err(out, x) <= TOL
 
 
