@@ -131,10 +131,10 @@ def test_ratio_estimator_recovers_gaussian_log_ratio():
         est = disc(x, torch.full((201,), 1.0))[:, 0]
     true = 0.5 - x[:, 0]
     corr = torch.corrcoef(torch.stack([est, true]))[0, 1]
-    assert corr > 0.99
+    assert corr > 0.999  # measured 0.99999
     inner = (x[:, 0] >= -1.5) & (x[:, 0] <= 2.5)
-    assert (est - true)[inner].abs().max() < 0.3
-    assert (est - true).abs().max() < 0.6
+    assert (est - true)[inner].abs().max() < 0.2  # measured 0.11
+    assert (est - true).abs().max() < 0.3  # measured 0.15
 
 
 # ----------------------------------------------------------------------------- toy distillation
