@@ -157,11 +157,20 @@ def speed_section(teacher, student, batch: int = 900, repeats: int = 5) -> str:
 
 
 def load_models():
-    """(teacher, student) for the speed table: the zoo teacher and the best shipped student if present."""
+    """(teacher, student) for the speed table: the zoo teacher (or the ``TEACHER`` spec of
+    scripts/distill_digits.sh) and the first shipped digits student."""
+    import os
+
+    from fastgen.distill.fdistill import build_teacher
     from fastgen.models import zoo
 
-    teacher = zoo.load("digits-edm") if "digits-edm" in zoo.list_models() else None
-    students = [n for n in zoo.list_models() if n.startswith("digits-fdistill-")]
+    names = zoo.list_models()
+    teacher = None
+    if "digits-edm" in names:
+        teacher = zoo.load("digits-edm")
+    elif os.environ.get("TEACHER"):
+        teacher, _ = build_teacher(json.loads(os.environ["TEACHER"]))
+    students = [n for n in names if n.startswith("digits-fdistill-")]
     student = zoo.load(students[0]) if students else None
     return teacher, student
 
