@@ -18,7 +18,18 @@ mixed precision, gradient accumulation, EMA, checkpoints and logging.
 - ``state_dict()/load_state_dict()`` hold non-network state (e.g. f-distill's ratio bins) that
   exact resume needs; tensors only (they are saved as safetensors).
 - ``batch`` is what the data loader yields (a dict of tensors, e.g. ``{"x": images, "label": labels}``),
-  already on the trainer's device.
+  already on the trainer's device. It is one *shard* of the global batch (``batch_size / micro_batches``
+  rows); ``step`` is the 0-based optimizer step.
+- ``generator`` is a CPU ``torch.Generator`` seeded from ``(seed, step, shard)``; draw with
+  ``device=generator.device`` and move the result (``torch.randn(shape, generator=g,
+  device=g.device).to(x.device)``). The global torch seed is set from the same triple before each call.
+  Drawing all randomness this way is what makes resumed and multi-process runs exact.
+- The trainer runs ``step`` under ``torch.autocast`` when ``mixed_precision: bf16``.
+- Registry: a config's ``method: {name: ...}`` is resolved by :func:`build_method` (below): built-in names
+  map to ``from_config(cfg) -> Method`` in the method's module; ``"package.module:factory"`` works too.
+
+Backward compatibility: this protocol is unchanged since it was first committed; the registry and the
+generator/shard notes above were added without changing any signature.
 """
 
 from __future__ import annotations
