@@ -451,9 +451,10 @@ class PlanSchedulerMixin:
     def _x0(self, out: torch.Tensor, x: torch.Tensor, state: torch.Tensor, sigma: float) -> torch.Tensor:
         if out.shape[1] == 2 * x.shape[1] and out.ndim == 4:  # learned variance: keep the mean
             out = out[:, : x.shape[1]]
-        if self.config.state_space == "flow" or self.config.prediction_type == "flow":
-            x_fm = x / (1 + sigma)
-            return x_fm - (sigma / (1 + sigma)) * out
+        if self.config.state_space == "flow":  # state = x_fm, velocity out = eps - x0
+            return torch.add(state, out, alpha=-(sigma / (1 + sigma)))
+        if self.config.prediction_type == "flow":
+            return torch.add(x / (1 + sigma), out, alpha=-(sigma / (1 + sigma)))
         pt = self.config.prediction_type
         if pt == "epsilon":
             return torch.add(x, out, alpha=-sigma)
