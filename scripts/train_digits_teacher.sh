@@ -6,7 +6,7 @@
 # Usage: scripts/train_digits_teacher.sh [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS="${1:-30000}"
+STEPS="${1:-10000}"
 PY="${PYTHON:-.venv/bin/python}"
 OMP_NUM_THREADS=1 "$PY" -m fastgen.cli train configs/train/digits-edm.yaml --no-progress --set "steps=$STEPS"
 OMP_NUM_THREADS=1 "$PY" - "$STEPS" <<'PYEOF'
@@ -43,11 +43,16 @@ for n in (18, 40):  # Heun NFE 2n-1 = 35, 79
         out = heun(D, x, karras(n, 0.002, 80.0), class_labels=labels).clamp(-1, 1)
     acc = float((digits_logits(out).argmax(1) == labels).float().mean())
     rows.append((2 * n - 1, digits_fd(out), digits_fd(out, "train"), acc))
-wall = None
+# wall_s restarts at 0 when a run is resumed: add up the segments
+wall, prev = 0.0, 0.0
 for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines():
     r = json.loads(line)
-    if r["step"] <= steps:
-        wall = r["wall_s"]
+    if r["step"] > steps:
+        break
+    if r["wall_s"] < prev:
+        wall += prev
+    prev = r["wall_s"]
+wall += prev
 table = "\n".join(f"| Heun, Karras rho=7, {nfe} NFE | {fd:.3f} | {fd / fd_real:.2f}x | {fdt:.3f} | {acc:.3f} |"
                   for nfe, fd, fdt, acc in rows)
 card = f"""# digits-edm: the embedded class-conditional EDM digits teacher

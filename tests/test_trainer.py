@@ -198,6 +198,11 @@ def test_ema_warmup_and_lr_warmup(tmp_path):
         assert torch.allclose(ema.module.weight, expect, atol=1e-6)
     tr = Trainer(config_from_dict(tiny_cfg(tmp_path)))
     assert [tr.lr_at("main", s) for s in range(5)] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.01, 0.01])
+    tr = Trainer(config_from_dict(tiny_cfg(tmp_path, optim={"lr": 0.01, "decay_start": 4, "decay_end": 8,
+                                                           "final_lr_ratio": 0.2})))
+    assert [tr.lr_at("main", s) for s in (3, 4, 6, 8, 20)] == pytest.approx([0.01, 0.01, 0.006, 0.002, 0.002])
+    with pytest.raises(ValueError, match="optim.decay_end"):
+        config_from_dict(tiny_cfg(tmp_path, optim={"decay_start": 4}))
 
 
 _DIST_SCRIPT = """

@@ -52,8 +52,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """AdamW settings, shared by every optimizer unless overridden per name in ``groups``
-    (e.g. ``groups: {critic: {lr: 1e-4}}``). The learning rate rises linearly over ``warmup_steps``;
-    ``grad_clip`` is a max global grad norm per optimizer (``null`` disables)."""
+    (e.g. ``groups: {critic: {lr: 1e-4}}``). The learning rate rises linearly over ``warmup_steps``,
+    and, when ``decay_start``/``decay_end`` are set, falls linearly from ``lr`` at ``decay_start`` to
+    ``lr * final_lr_ratio`` at ``decay_end``; ``grad_clip`` is a max global grad norm per optimizer
+    (``null`` disables)."""
 
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -61,6 +63,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
+    decay_start: int | None = None  # linear lr decay from this step ...
+    decay_end: int | None = None  # ... to lr * final_lr_ratio at this step (constant afterwards)
+    final_lr_ratio: float = 0.1
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -117,6 +122,10 @@ class TrainConfig:
             ("ema.every", self.ema.every >= 1, ">= 1"),
             ("optim.lr", self.optim.lr > 0, "> 0"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, ">= 0"),
+            ("optim.decay_end", (self.optim.decay_start is None) == (self.optim.decay_end is None) and (
+                self.optim.decay_start is None or self.optim.decay_end > self.optim.decay_start >= 0),
+             "set together with optim.decay_start, and > decay_start >= 0"),
+            ("optim.final_lr_ratio", self.optim.final_lr_ratio >= 0, ">= 0"),
             ("data.name", self.data.name in ("digits", "mixture", "none"), "'digits', 'mixture' or 'none'"),
         ]
         for name, ok, accepted in checks:

@@ -189,7 +189,8 @@ class Trainer:
     def _optim_settings(self, name: str) -> dict[str, Any]:
         o = self.cfg.optim
         base = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay,
-                "warmup_steps": o.warmup_steps, "grad_clip": o.grad_clip}
+                "warmup_steps": o.warmup_steps, "grad_clip": o.grad_clip, "decay_start": o.decay_start,
+                "decay_end": o.decay_end, "final_lr_ratio": o.final_lr_ratio}
         over = dict(o.groups.get(name, {}))
         unknown = sorted(set(over) - set(base))
         if unknown:
@@ -198,10 +199,16 @@ class Trainer:
         return base
 
     def lr_at(self, name: str, step: int) -> float:
-        """Learning rate of optimizer ``name`` at (0-based) step ``step``: linear warm-up, then constant."""
+        """Learning rate of optimizer ``name`` at (0-based) step ``step``: linear warm-up, constant, then
+        an optional linear decay between ``decay_start`` and ``decay_end``."""
         o = self._optim_settings(name)
         w = int(o["warmup_steps"])
-        return float(o["lr"]) * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
+        lr = float(o["lr"]) * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
+        a, b = o["decay_start"], o["decay_end"]
+        if a is not None and b is not None and step > a:
+            frac = min(1.0, (step - a) / (b - a))
+            lr *= 1.0 - frac * (1.0 - float(o["final_lr_ratio"]))
+        return lr
 
     # ------------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
