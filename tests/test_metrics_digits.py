@@ -76,6 +76,10 @@ def test_bad_inputs(train):
         digits_fd(torch.zeros(4, 1, 28, 28))
     with pytest.raises(ValueError, match="reference"):
         digits_fd(train.images, reference="validation")
+    nan = train.images[:4].clone()
+    nan[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        digits_fd(nan)
     with pytest.raises(ValueError, match="float"):
         digits_fd(torch.zeros(4, 1, 8, 8, dtype=torch.int64))
 

@@ -128,7 +128,7 @@ def extract_features(
         for batch in batches:
             if max_samples is not None:
                 batch = batch[: max_samples - seen]
-            f, logits = ex(batch)
+            f, logits = ex(batch, logits=keep_logits)
             stats.update(f)
             if keep_features:
                 kept_f.append(f.detach().float().cpu())
@@ -226,7 +226,7 @@ class FrechetDistance:
 
     def update(self, images: torch.Tensor) -> None:
         """Add a batch of generated images ``(B, C, H, W)``."""
-        f, _ = self.extractor(images)
+        f, _ = self.extractor(images, logits=False)
         self.stats.update(f)
 
     def compute(self) -> float:

@@ -69,7 +69,8 @@ class FeatureExtractor:
     num_features: int | None = None
     device: torch.device = torch.device("cpu")
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, images: torch.Tensor, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features ``(B, d)`` and, if ``logits`` and the network has a classifier, logits ``(B, K)``."""
         raise NotImplementedError
 
     def metadata(self) -> dict[str, str]:
@@ -117,17 +118,17 @@ class InceptionExtractor(FeatureExtractor):
             self._net = _inc.load_inception(path, self.sha256, self.resize, self.device, self.dtype)
         return self._net
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, images: torch.Tensor, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = images_to_uint8(images).to(self.device)
         # TF32 matmuls/convolutions make CUDA features depend on the batch size: off while evaluating
         matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
             with torch.no_grad():
-                pool, logits = self.net(x)
+                pool, unbiased = self.net(x)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-        return pool, logits
+        return pool, unbiased if logits else None
 
     def metadata(self) -> dict[str, str]:
         _ = self.net
@@ -150,7 +151,7 @@ class DigitsExtractor(FeatureExtractor):
     def __init__(self, device: str | torch.device | None = None) -> None:
         self.device = torch.device(device or "cpu")
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, images: torch.Tensor, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         from fastgen.metrics.digits import _shipped, check_digits
 
         if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
@@ -159,7 +160,7 @@ class DigitsExtractor(FeatureExtractor):
         net = _shipped()
         with torch.no_grad():
             f = net.features(x)
-            return f, net.head(f)
+            return f, net.head(f) if logits else None
 
     def metadata(self) -> dict[str, str]:
         from fastgen.metrics.digits import DIGITS_WEIGHTS
@@ -191,7 +192,7 @@ class ModuleExtractor(FeatureExtractor):
         self.device = torch.device(device)
         self.num_features = getattr(module, "num_features", None)
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, images: torch.Tensor, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             f = self.module(images.to(self.device))
         if f.dim() != 2:
