@@ -259,3 +259,17 @@ def test_bf16_autocast_and_flow_method(tmp_path):
                     optim={"lr": 0.01, "warmup_steps": 0})
     rec = Trainer(config_from_dict(flow)).train()
     assert rec[-1]["loss/main"] < 0.8 * rec[0]["loss/main"]
+
+
+def test_cli_train(tmp_path, capsys):
+    import yaml
+
+    from fastgen.cli import main
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tiny_cfg(tmp_path, steps=2)))
+    assert main(["train", str(p), "--no-progress", "--set", "steps=3"]) == 0
+    assert "trained tiny to step 3" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
+    assert main(["train", str(p), "--set", "optim.lrr=1"]) == 2
+    assert "unknown key(s) ['optim.lrr']" in capsys.readouterr().err
