@@ -318,12 +318,14 @@ class Trainer:
                     order.append(name)
             for k, v in getattr(self.method, "last_logs", {}).items():
                 extra[k] = extra.get(k, 0.0) + float(v) / self.accum
-            for name, loss in losses.items():
+            items = list(losses.items())
+            for li, (name, loss) in enumerate(items):
                 for p in params:
                     p.grad = None
                 loss_sum[name] = loss_sum.get(name, 0.0) + loss.detach().float()
-                if torch.isfinite(loss):
-                    loss.backward()
+                if torch.isfinite(loss) and loss.requires_grad:
+                    # losses may share one forward pass: keep the graph for the later ones
+                    loss.backward(retain_graph=li < len(items) - 1)
                 grads = stash.setdefault(name, [None] * len(self.opt_params[name]))
                 for i, p in enumerate(self.opt_params[name]):
                     if p.grad is not None:
