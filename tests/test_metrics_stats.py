@@ -28,9 +28,7 @@ def test_fd_matches_scipy_sqrtm(d):
     got = frechet_distance(mu1, s1, mu2, s2)
     assert got == pytest.approx(ref, rel=1e-6)
     # tensors (float32 input is promoted to float64) give the same number
-    got_t = frechet_distance(
-        torch.from_numpy(mu1), torch.from_numpy(s1), torch.from_numpy(mu2), torch.from_numpy(s2)
-    )
+    got_t = frechet_distance(torch.from_numpy(mu1), torch.from_numpy(s1), torch.from_numpy(mu2), torch.from_numpy(s2))
     assert got_t == pytest.approx(ref, rel=1e-6)
 
 
@@ -112,3 +110,23 @@ def test_errors():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
     with pytest.raises(ValueError, match="numpy array or a torch.Tensor"):
         frechet_distance([0.0], np.eye(1), np.zeros(1), np.eye(1))
+
+
+def test_distributed_sync_sums_the_ranks():
+    """Two simulated ranks: torchmetrics' sync (a gather + sum) gives the statistics of the union."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 5, generator=gen, dtype=torch.float64)
+    rank0, rank1 = FeatureStatistics(5), FeatureStatistics(5)
+    rank0.update(x[:120])
+    rank1.update(x[120:])
+    other = {name: getattr(rank1, name) for name in ("features_sum", "features_cov_sum", "num_samples")}
+
+    def gather(t, group=None):  # what all_gather returns on rank 0
+        name = next(n for n, v in other.items() if v.shape == t.shape and v.dtype == t.dtype)
+        return [t, other[name]]
+
+    mu, sigma, n = rank0.global_stats(dist_sync_fn=gather, distributed_available=lambda: True)
+    assert n == 300
+    np.testing.assert_allclose(mu.numpy(), x.numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma.numpy(), np.cov(x.numpy(), rowvar=False), rtol=1e-11, atol=1e-13)
+    assert rank0.count == 120  # local state restored afterwards, accumulation can continue

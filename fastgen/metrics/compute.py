@@ -80,8 +80,8 @@ class FeatureSet:
 
     def reference(self) -> _io.ReferenceStats:
         """The statistics as a :class:`ReferenceStats` (numpy float64) with count in the metadata."""
-        meta = dict(self.meta, count=str(self.stats.count))
-        return _io.ReferenceStats(self.stats.mu.numpy(), self.stats.sigma.numpy(), meta)
+        mu, sigma, count = self.stats.global_stats()  # summed over processes under torch.distributed
+        return _io.ReferenceStats(mu.numpy(), sigma.numpy(), dict(self.meta, count=str(count)))
 
 
 def extract_features(
@@ -231,7 +231,8 @@ class FrechetDistance:
 
     def compute(self) -> float:
         """FD between everything added so far and the reference."""
-        mine = _io.ReferenceStats(self.stats.mu.numpy(), self.stats.sigma.numpy(), self.extractor.metadata())
+        mu, sigma, _ = self.stats.global_stats()  # summed over processes under torch.distributed
+        mine = _io.ReferenceStats(mu.numpy(), sigma.numpy(), self.extractor.metadata())
         return fid_from_stats(mine, self.ref)
 
     def reset(self) -> None:

@@ -159,6 +159,15 @@ class FeatureStatistics(Metric):
         cov = (self.features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
         return 0.5 * (cov + cov.t())
 
+    def global_stats(self, **sync_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(mu, sigma, count)`` over all processes (a collective call: every rank must make it).
+
+        Outside ``torch.distributed`` this is just the local statistics. ``sync_kwargs`` go to
+        torchmetrics' ``sync_context`` (``dist_sync_fn``, ``process_group``, ``distributed_available``).
+        """
+        with self.sync_context(**sync_kwargs):
+            return self.mu.clone(), self.sigma.clone(), int(self.num_samples)
+
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, sigma)`` as float64 tensors."""
         return self.mu, self.sigma
