@@ -185,7 +185,7 @@ def test_sd_fastgen_solvers_equal_functional(cond_unet, sd_config, solver):
     sched = FastgenScheduler.from_config(sd_config, solver=solver, schedule="karras")
     calls = count_calls(cond_unet)
     out, pe, _ = run_sd(cond_unet, sched, steps=5)
-    sigmas = sched._flat[0]
+    sigmas = sched.plan_sigmas
     assert len(calls) == solvers.nfe(solver, sigmas) == len(sched.timesteps)
     g = torch.Generator().manual_seed(0)
     noise = randn_tensor(out.shape, generator=g)
@@ -255,7 +255,7 @@ def test_flux_pipeline_fastgen_heun_equals_function(flux_setup):
     tr, config = flux_setup
     sched = FastgenScheduler.from_config(config, solver="heun")
     out, seen = run_flux(tr, sched, steps=4)
-    sigmas = sched._flat[0]
+    sigmas = sched.plan_sigmas
     den, x_fm, cond = flux_reference(tr, seen)
     x = solvers.heun(den, x_fm * (1 + sigmas[0].item()), sigmas, **cond)
     assert rel_err(out, x) <= TOL
@@ -320,7 +320,7 @@ def test_scheduler_steps_equal_core_solvers_float64(solver, space):
     sched.set_timesteps(7)
     noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x, seen = manual_loop(sched, den, noise)
-    sig = sched._flat[0]
+    sig = sched.plan_sigmas
     start = noise * (sched.init_noise_sigma if space == "ve" else math.sqrt(1 + sig[0].item() ** 2))
     ref = solvers.get_solver(solver)(den, start, sig)
     assert torch.allclose(x, ref, atol=1e-10, rtol=0)
@@ -519,3 +519,25 @@ def test_get_velocity_matches_ddpm():
     x, n = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     t = torch.tensor([0, 500, 999])
     assert torch.allclose(ours.get_velocity(x, n, t), ddpm.get_velocity(x, n, t), atol=1e-5)
+
+
+def test_presets_and_auto_rule_in_scheduler(sd_config):
+    from fastgen.samplers.restart import get_preset
+
+    sd15 = RestartScheduler.from_config(sd_config, restart_preset="sd15-w5")
+    sd15.set_timesteps(30)
+    assert len(sd15.timesteps) == get_preset("sd15-w5").nfe == 2 * 30 - 1 + 2 * 2 * 9
+    auto = RestartScheduler.from_config(sd_config)
+    for steps in (19, 20, 36):  # A1111: total solver steps == request, so calls == 2 * steps - 1
+        auto.set_timesteps(steps)
+        assert len(auto.timesteps) == 2 * steps - 1
+        assert bool(auto.restart_plan().jumps.any()) == (steps >= 20)
+    plain = RestartScheduler.from_config(sd_config, restart_preset="none")
+    plain.set_timesteps(7)
+    heun = FastgenScheduler.from_config(sd_config, solver="heun", schedule="karras")
+    heun.set_timesteps(7)
+    assert torch.equal(plain.timesteps, heun.timesteps)
+    loglin = FastgenScheduler.from_config(sd_config, schedule="loglinear")
+    loglin.set_timesteps(4)
+    s = loglin.plan_sigmas[:-1].log()
+    assert torch.allclose(s[1:] - s[:-1], (s[1] - s[0]).expand(3), atol=1e-9)  # log-uniform

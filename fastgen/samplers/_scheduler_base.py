@@ -325,6 +325,12 @@ class PlanSchedulerMixin:
         self._begin_index = None
         self._reset_solver_state()
 
+    @property
+    def plan_sigmas(self) -> torch.Tensor:
+        """The flat VE-sigma plan of the last ``set_timesteps`` (float64, solver steps and jumps)."""
+        self._require_plan()
+        return self._flat[0].clone()
+
     def _sigma_to_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.config.state_space == "flow":
             return sigma / (1 + sigma) * 1000.0
