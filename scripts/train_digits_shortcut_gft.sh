@@ -5,6 +5,14 @@
 #   bash scripts/train_digits_shortcut_gft.sh shortcut     # configs/train/digits-shortcut.yaml
 #   bash scripts/train_digits_shortcut_gft.sh gft          # configs/train/digits-gft.yaml (needs digits-edm)
 #
+# The shipped weights were made, on a 2-core machine shared with the still-running teacher training, by
+#   bash scripts/train_digits_shortcut_gft.sh shortcut --set steps=4000
+#   bash scripts/train_digits_shortcut_gft.sh gft --set method.init=runs/gft-base/digits-edm-step4000.safetensors \
+#        --set steps=1500
+# where the GFT init is the EMA of the digits-edm run's step-4000 checkpoint (the final teacher was not ready):
+#   python -c "from safetensors.torch import save_file; from fastgen.models.zoo import ema_state_from_checkpoint as e;
+#              save_file(e('runs/digits-edm/checkpoints/step_00004000'), 'runs/gft-base/digits-edm-step4000.safetensors')"
+#
 # Extra arguments are passed to `fastgen train` (e.g. --set steps=4000). Resumable: re-running continues
 # from the latest checkpoint in runs/digits-<model>.
 set -euo pipefail
@@ -78,7 +86,7 @@ cmd = f"bash scripts/train_digits_shortcut_gft.sh {model}" + (f" {extra_args}" i
 fd_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in fds.items())
 card = f"""# digits-{model}
 
-{'Class-conditional shortcut model (Frans et al. 2025) on the 8x8 digits: one network, 1 to 128 steps.' if model == 'shortcut' else 'Guidance-free-trained (GFT, Chen et al. 2025) digits model, fine-tuned from digits-edm: sample at beta = 1/w with one network call per step.'}
+{'Class-conditional shortcut model (Frans et al. 2025) on the 8x8 digits: one network, 1 to 128 steps.' if model == 'shortcut' else f"Guidance-free-trained (GFT, Chen et al. 2025) digits model, fine-tuned from `{cfg.method.get('init')}`: sample at beta = 1/w with one network call per step."}
 
 - config: `{config}` (network `{cfg.network}`, method `{cfg.method}`)
 - seed {cfg.seed}, {cfg.steps} steps at batch {cfg.batch_size}, EMA {cfg.ema.decay}; training wall time {wall} s
