@@ -75,3 +75,17 @@ def test_bad_input():
     den.sigma_min, den.sigma_max = 0.01, 10.0
     with pytest.raises(ValueError, match="below the model's sigma_min"):
         learn_ld3(den, noise, sigma_min=0.001, progress=False)
+
+
+def test_soft_ball_latents_stay_inside_the_ball():
+    """The learned latents never leave B(noise, r); with r = 0 (hard loss) nothing moves."""
+    den = _mixture()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    s = learn_ld3(den, noise, solver="dpmpp_2m", nfe=4, iterations=8, ball_radius=0.05, generator=g,
+                  progress=False)
+    assert s.meta["latent_moves_accepted"] > 0
+    assert 0 < s.meta["max_latent_shift"] <= 0.05 + 1e-12
+    s0 = learn_ld3(den, noise, solver="dpmpp_2m", nfe=4, iterations=8, ball_radius=0.0, generator=g,
+                   progress=False)
+    assert s0.meta["latent_moves_accepted"] == 0 and s0.meta["max_latent_shift"] == 0.0

@@ -11,14 +11,16 @@ For one solver and one NFE budget, the schedule is learned by backpropagating th
   coefficients use the knots, the denoiser is evaluated at ``knot * exp(offset)``.
 - **Soft loss**: ``E min_{x'_T in B(x_T, r sigma_T)} d(Psi_xi(x'_T), Psi*(x_T))``; the latent is a
   per-sample parameter moved by projected gradient steps inside the ball of radius
-  ``r = 0.001 d / steps^2`` (unit-noise units). ``d`` defaults to the per-sample RMSE in data space;
-  any differentiable ``distance(a, b) -> (B,)`` can be passed (e.g. LPIPS on decoded latents).
+  ``r = 0.001 d / steps^2`` (unit-noise units); a move is kept for a sample only if its loss fell
+  (under the updated schedule), and the latent step is halved after an iteration with no accepted
+  move. ``d`` defaults to the per-sample RMSE in data space; any differentiable
+  ``distance(a, b) -> (B,)`` can be passed (e.g. LPIPS on decoded latents).
 - **Optimisation**: RMSprop (lr 0.005, momentum 0.9) on the logits, SGD (lr 0.1/steps) on the
   offsets, gradient clipping at norm 1, a first phase on the logits only, validation on a held-out
   split every iteration, patience: reload the best state and multiply the learning rates by 0.8;
   stop at ``iterations`` or after the learning rate hit its floor ``max_floor_hits`` times.
 
-Simplification against the paper: a latent move is not reverted when that sample's loss rose.
+Cost: the latent acceptance test adds two no-grad solves per iteration (``ball_radius=0`` skips it).
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def learn_ld3(
     best_val = validate()
     init_val = best_val
     best_state = (logits.detach().clone(), offsets.detach().clone())
-    bad, floor_hits, it_done = 0, 0, 0
+    bad, floor_hits, it_done, accepted = 0, 0, 0, 0
     bar = tqdm(range(iterations), desc=f"LD3 {solver} nfe={nfe}", disable=not progress, leave=False)
     for it in bar:
         it_done = it + 1
@@ -229,13 +231,18 @@ def learn_ld3(
         else:
             offsets.grad = None
         if radius > 0 and latent.grad is not None:
-            with torch.no_grad():
-                g = latent.grad[bidx]
-                latent[bidx] -= lr_latent * g
-                delta = latent[bidx] - noise[idx]
+            with torch.no_grad():  # projected step on the latent; kept per sample only if its loss fell
+                before = distance(run(logits, offsets, latent[bidx], idx), targets[idx])
+                delta = latent[bidx] - lr_latent * latent.grad[bidx] - noise[idx]
                 norm = delta.reshape(delta.shape[0], -1).norm(dim=1).clamp(min=1e-20)
                 scale = (radius / norm).clamp(max=1.0).reshape(-1, *([1] * (delta.ndim - 1)))
-                latent[bidx] = noise[idx] + delta * scale
+                cand = noise[idx] + delta * scale
+                after = distance(run(logits, offsets, cand, idx), targets[idx])
+                keep = (after < before).reshape(-1, *([1] * (delta.ndim - 1)))
+                latent[bidx] = torch.where(keep, cand, latent[bidx])
+                accepted += int(keep.sum())
+                if not bool(keep.any()):
+                    lr_latent *= 0.5
         val = validate()
         if val < best_val - 1e-12:
             best_val, bad = val, 0
@@ -276,6 +283,8 @@ def learn_ld3(
             "train": int(n_train),
             "validation": int(m - n_train),
             "ball_radius": radius,
+            "latent_moves_accepted": accepted,
+            "max_latent_shift": float((latent.detach() - noise[tr]).reshape(n_train, -1).norm(dim=1).max()),
             "iterations": it_done,
             "optimization_seconds": round(time.perf_counter() - t_start, 3),
         },
