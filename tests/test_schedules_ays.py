@@ -17,6 +17,7 @@ from fastgen.samplers.ays import (
     ays_timesteps,
     for_solver,
     gaussian_gap,
+    kl_optimal_gaussian,
     klub_intervals,
     optimize_ays,
 )
@@ -122,3 +123,11 @@ def test_bad_input():
         optimize_ays(den, torch.zeros(4, 2), solver="heun", nfe=2, progress=False)
     with pytest.raises(ValueError, match="val_noise"):
         optimize_ays(den, torch.zeros(4, 2), val_noise=4, progress=False)
+
+
+def test_kl_optimal_gaussian_arctan_midpoint_rule():
+    t = kl_optimal_gaussian(8, 0.002, 80.0, C)
+    assert float(t[0]) == pytest.approx(80.0) and float(t[-1]) == pytest.approx(0.002)
+    a = torch.atan(t / C)
+    assert torch.allclose(a[1:-1], 0.5 * (a[:-2] + a[2:]), atol=1e-12)
+    assert float(kl_optimal_gaussian(2, 0.1, 1.0, C)[1]) == pytest.approx(0.382, abs=1e-3)

@@ -75,6 +75,17 @@ def ays_schedule(model: str, n: int = 10) -> Schedule:
     return Schedule(ays_sigmas(model, n), method="ays-published", model=model, meta={"steps": n})
 
 
+def kl_optimal_gaussian(n: int, sigma_min: float, sigma_max: float, c: float = IS_SCALE) -> torch.Tensor:
+    """AYS Theorem 3.1: the KL-optimal ``n``-step schedule for data N(0, c^2 I), ``n + 1`` knots high -> low:
+    ``t_i = c tan((1 - i/n) arctan(sigma_max/c) + (i/n) arctan(sigma_min/c))`` (arctan-uniform)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not 0 < sigma_min < sigma_max or c <= 0:
+        raise ValueError(f"need 0 < sigma_min < sigma_max and c > 0, got {sigma_min}, {sigma_max}, {c}")
+    w = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+    return c * torch.tan((1 - w) * math.atan(sigma_max / c) + w * math.atan(sigma_min / c))
+
+
 # ----------------------------------------------------------------------------------------------
 # KLUB and its importance sampling
 # ----------------------------------------------------------------------------------------------
