@@ -541,3 +541,20 @@ def test_presets_and_auto_rule_in_scheduler(sd_config):
     loglin.set_timesteps(4)
     s = loglin.plan_sigmas[:-1].log()
     assert torch.allclose(s[1:] - s[:-1], (s[1] - s[0]).expand(3), atol=1e-9)  # log-uniform
+
+
+def test_knots_schedule_terminal_conventions():
+    knots = [14.6, 3.0, 0.8, 0.1, 0.03]  # AYS-style list ending at a positive sigma
+    rep = FastgenScheduler(schedule=knots)
+    rep.set_timesteps(4)
+    assert rep.plan_sigmas.tolist() == pytest.approx([14.6, 3.0, 0.8, 0.1, 0.0])
+    app = FastgenScheduler(schedule=knots, terminal="append")
+    app.set_timesteps(5)
+    assert app.plan_sigmas.tolist() == pytest.approx(knots + [0.0])
+    app.set_timesteps(3)
+    assert len(app.plan_sigmas) == 4 and app.plan_sigmas[-1] == 0 and app.plan_sigmas[-2] == pytest.approx(0.03)
+    keep = FastgenScheduler(schedule=knots, terminal="keep")
+    keep.set_timesteps(4)
+    assert keep.plan_sigmas.tolist() == pytest.approx(knots)
+    with pytest.raises(ValueError, match="terminal"):
+        FastgenScheduler(schedule=knots, terminal="drop")

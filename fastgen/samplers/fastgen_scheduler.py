@@ -12,9 +12,11 @@ timestep, its step to 0 is Euler). ``schedule``:
   schedule="karras"`` and ``state_space="ve"`` (the default for non-DDPM VP configs) this reproduces
   ``EulerDiscreteScheduler(use_karras_sigmas=True)``;
 - ``"default"``: exactly Diffusers' Euler / FlowMatch default grid;
-- a list of VE sigmas (strictly decreasing, typically ending in 0), used verbatim when
-  ``num_inference_steps == len(sigmas) - 1``, otherwise resampled log-linearly
-  (:func:`fastgen.core.schedules.resample`);
+- a list of VE sigmas (strictly decreasing), used verbatim when ``num_inference_steps`` is its step
+  count, otherwise resampled log-linearly (:func:`fastgen.core.schedules.resample`, endpoints kept).
+  A list ending at a positive sigma (the AYS "knots" form) ends as ``terminal`` says: ``"replace"``
+  (default: the last sigma becomes 0, same step count, as ``Schedule.solver_sigmas``), ``"append"``
+  (one more step to 0) or ``"keep"`` (stop at the positive sigma);
 - a path to a schedule JSON (``fastgen.samplers.schedule.Schedule.save``): a top-level ``"sigmas"``
   list (VE) and optional ``"solver"``; it is read once and stored in the config as a list, so
   ``save_pretrained`` is self-contained. A JSON solver that disagrees with an explicit ``solver``
@@ -38,6 +40,19 @@ from fastgen.core.solvers import SOLVERS
 from fastgen.samplers._scheduler_base import PlanSchedulerMixin
 
 SCHEDULE_NAMES = ("karras", "loglinear", "default")
+TERMINALS = ("replace", "append", "keep")
+
+
+def with_terminal(sigmas: torch.Tensor, terminal: str) -> torch.Tensor:
+    """A list schedule ending at a positive sigma (AYS "knots" form) made to end as ``terminal`` says:
+    "replace" its last sigma by 0 (Diffusers/ComfyUI), "append" a 0 (A1111), or "keep" it."""
+    if float(sigmas[-1]) == 0 or terminal == "keep":
+        return sigmas
+    if terminal == "append":
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
+    if len(sigmas) < 3:
+        raise ValueError("terminal='replace' needs at least 3 sigmas (2 positive ones are left)")
+    return torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
 
 
 def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str | None]:
@@ -86,7 +101,10 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
         solver: str | None = None,
         schedule: str | list[float] = "karras",
         rho: float = 7.0,
+        terminal: str = "replace",
     ) -> None:
+        if terminal not in TERMINALS:
+            raise ValueError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
         json_solver = None
         if isinstance(schedule, (str, os.PathLike)) and str(schedule) not in SCHEDULE_NAMES:
             if not os.path.isfile(schedule):
@@ -116,7 +134,9 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
             n = grid
             if not isinstance(cfg.schedule, str):
                 sig = torch.tensor(cfg.schedule, dtype=torch.float64)
-                grid = sig if len(sig) - 1 == n else resample(sig, n)
+                extra = 1 if (cfg.terminal == "append" and float(sig[-1]) > 0) else 0
+                native = len(sig) - 1 + extra
+                grid = with_terminal(sig if n == native else resample(sig, n - extra), cfg.terminal)
             elif cfg.schedule == "default":
                 grid = self._default_grid(n)
             else:
