@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -68,6 +69,12 @@ def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str |
     solver = data.get("solver")
     if solver is not None and solver not in SOLVERS:
         raise ValueError(f"solver in {os.fspath(path)} must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if data.get("eval_sigmas") is not None:
+        warnings.warn(
+            f"{os.fspath(path)} has eval_sigmas (LD3 decoupled evaluation points); FastgenScheduler evaluates "
+            "the model at the step sigmas and ignores them (use Schedule.wrap with the functional solvers)",
+            stacklevel=3,
+        )
     return [float(v) for v in sig], solver
 
 
