@@ -103,10 +103,7 @@ def ring_section(seeds: int, steps: int) -> str:
     )
 
 
-def digits_section() -> str:
-    if not DIGITS_JSON.is_file():
-        return "_No digits results yet: run `scripts/distill_digits.sh` to write them._"
-    data = json.loads(DIGITS_JSON.read_text())
+def _digits_table(data: dict) -> str:
     t = data["teacher"]
     rows = [["teacher (Heun, 35 NFE)", 35, f"{t['fd']:.3f}", "1.00", "—", "—"]]
     for div, r in data["students"].items():
@@ -120,13 +117,26 @@ def digits_section() -> str:
                 f"{r['minutes']:.0f}",
             ]
         )
+    head = ["model", "NFE", "FD_digits", "FD / teacher FD", "iterations", "minutes (wall, shared CPU)"]
     return (
-        f"Teacher: {data['teacher_name']}. FD_digits against the 899 held-out test digits, 900 samples "
-        "(90 per class), same seed for every row. Students: EMA weights after the given number of "
-        "iterations (student updated every 5th), on a shared 2-core CPU.\n\n"
-        + markdown_table(["model", "NFE", "FD_digits", "FD / teacher FD", "iterations", "minutes"], rows)
+        (data.get("title", "") + "\n\n" if data.get("title") else "")
+        + markdown_table(head, rows)
         + ("\n\n" + data["note"] if data.get("note") else "")
     )
+
+
+def digits_section() -> str:
+    """Tables from ``benchmarks/results/fdistill_digits*.json`` (one per file, sorted by name)."""
+    files = sorted(RESULTS.glob("fdistill_digits*.json"))
+    if not files:
+        return "_No digits results yet: run `scripts/distill_digits.sh` to write them._"
+    first = json.loads(files[0].read_text())
+    intro = (
+        f"Teacher: {first['teacher_name']}. FD_digits against the 899 held-out test digits, 900 samples "
+        "(90 per class), the same noise seed for every row. Students: EMA weights after the given number "
+        "of iterations (student updated every 5th iteration, critics every iteration, batch 64)."
+    )
+    return intro + "\n\n" + "\n\n".join(_digits_table(json.loads(f.read_text())) for f in files)
 
 
 def speed_section(teacher, student, batch: int = 900, repeats: int = 5) -> str:
