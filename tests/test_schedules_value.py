@@ -127,3 +127,13 @@ def test_fastgen_scheduler_reads_schedule_json(tmp_path):
     sig, solver = fs.load_schedule_json(path)
     assert solver == "dpmpp_2m"
     assert sig == pytest.approx(s.sigmas.tolist())
+
+
+def test_dpm_multistep_accepts_the_timesteps():
+    from diffusers import DPMSolverMultistepScheduler
+
+    ts = ays_schedule("sd15").to_diffusers_timesteps(SD_CONFIG)
+    sched = DPMSolverMultistepScheduler.from_config(SD_CONFIG)
+    sched.set_timesteps(timesteps=ts)
+    assert [int(t) for t in sched.timesteps] == ts
+    assert ts[0] == 999 and len(ts) == 10
