@@ -303,6 +303,7 @@ def _train(bootstrap_every: int, steps: int, seed: int = 0) -> ShortcutNet:
     return net
 
 
+@pytest.mark.slow
 def test_gaussian_one_step_shortcut_vs_flow_matching():
     """Card section 7.4: 1-step shortcut samples have mean ~ mu and std ~ s; flow matching collapses.
 
