@@ -18,6 +18,7 @@ the check, e.g. inside a tight training loop).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,79 @@ def _emit(callback: Callback, i: int, sigmas: torch.Tensor, x: torch.Tensor, den
         callback({"i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "x": x, "denoised": denoised})
 
 
+# ------------------------------------------------------------------------------------------
+# Single steps: the formulas, once. ``s``/``s_next`` are VE sigmas as 0-d tensors (differentiable)
+# or Python floats (the schedulers' fast path); ``s_next`` may be 0 where stated.
+# ------------------------------------------------------------------------------------------
+
+
+def _log(v: Any) -> Any:
+    return v.log() if isinstance(v, torch.Tensor) else math.log(v)
+
+
+def _expm1(v: Any) -> Any:
+    return torch.expm1(v) if isinstance(v, torch.Tensor) else math.expm1(v)
+
+
+def euler_step(x: torch.Tensor, denoised: torch.Tensor, s: Any, s_next: Any) -> torch.Tensor:
+    """One Euler (= DDIM) step from ``s`` to ``s_next`` (>= 0): ``D + (s_next / s)(x - D)``."""
+    return denoised + (s_next / s) * (x - denoised)
+
+
+def heun_predict(x: torch.Tensor, denoised: torch.Tensor, s: Any, s_next: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heun's predictor: ``(x_euler, d)`` with ``d = (x - D) / s`` and ``x_euler = x + (s_next - s) d``."""
+    d = (x - denoised) / s
+    return x + (s_next - s) * d, d
+
+
+def heun_correct(
+    x: torch.Tensor, d: torch.Tensor, x_euler: torch.Tensor, denoised_2: torch.Tensor, s: Any, s_next: Any
+) -> torch.Tensor:
+    """Heun's corrector (``s_next`` > 0): ``x + (s_next - s)(d + d_2) / 2``, ``d_2 = (x_euler - D_2) / s_next``."""
+    d_2 = (x_euler - denoised_2) / s_next
+    return x + (s_next - s) * (d + d_2) / 2
+
+
+def dpmpp_2m_step(
+    x: torch.Tensor, denoised: torch.Tensor, old_denoised: torch.Tensor | None, h_last: Any, s: Any, s_next: Any
+) -> tuple[torch.Tensor, Any]:
+    """One DPM-Solver++(2M) step; returns ``(x_next, h)`` with ``h = log s - log s_next``.
+
+    First order when ``old_denoised`` is None; the step to ``s_next = 0`` returns ``denoised`` (h = None).
+    """
+    if float(s_next) == 0:
+        return denoised, None
+    h = _log(s) - _log(s_next)
+    if old_denoised is None:
+        d_hat = denoised
+    else:
+        r = h_last / h
+        d_hat = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+    return (s_next / s) * x - _expm1(-h) * d_hat, h
+
+
+#: Adams-Bashforth coefficients of iPNDM by order (newest derivative first).
+IPNDM_COEFFS = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+_IPNDM_COEFFS = IPNDM_COEFFS  # backward-compatible alias
+
+
+def ipndm_step(x: torch.Tensor, history: list[torch.Tensor], s: Any, s_next: Any) -> torch.Tensor:
+    """One iPNDM step with derivatives ``history`` (newest first, 1 to 4 of them): order ``len(history)``."""
+    coeffs = IPNDM_COEFFS[len(history) - 1]
+    d_comb = sum(c * h for c, h in zip(coeffs, history))
+    return x + (s_next - s) * d_comb
+
+
+# ------------------------------------------------------------------------------------------
+# Solvers over a whole schedule
+# ------------------------------------------------------------------------------------------
+
+
 def euler(
     denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
     check_finite: bool = True, **cond: Any,
@@ -81,7 +155,7 @@ def euler(
     sigmas = _prepare(x, sigmas)
     for i in range(len(sigmas) - 1):
         denoised = _denoise(denoiser, x, sigmas[i], i, check_finite, cond)
-        x = denoised + (sigmas[i + 1] / sigmas[i]) * (x - denoised)
+        x = euler_step(x, denoised, sigmas[i], sigmas[i + 1])
         _emit(callback, i, sigmas, x, denoised)
     return x
 
@@ -95,14 +169,12 @@ def heun(
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = _denoise(denoiser, x, s, i, check_finite, cond)
-        d = (x - denoised) / s
-        x_euler = x + (s_next - s) * d
+        x_euler, d = heun_predict(x, denoised, s, s_next)
         if float(s_next) == 0:
             x = x_euler
         else:
             denoised_2 = _denoise(denoiser, x_euler, s_next, i, check_finite, cond)
-            d_2 = (x_euler - denoised_2) / s_next
-            x = x + (s_next - s) * (d + d_2) / 2
+            x = heun_correct(x, d, x_euler, denoised_2, s, s_next)
         _emit(callback, i, sigmas, x, denoised)
     return x
 
@@ -119,30 +191,12 @@ def dpmpp_2m(
     old_denoised = None
     h_last = None
     for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = _denoise(denoiser, x, s, i, check_finite, cond)
-        if float(s_next) == 0:
-            x = denoised
-        else:
-            h = s.log() - s_next.log()
-            if old_denoised is None:
-                d_hat = denoised
-            else:
-                r = h_last / h
-                d_hat = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (s_next / s) * x - torch.expm1(-h) * d_hat
-            h_last = h
+        denoised = _denoise(denoiser, x, sigmas[i], i, check_finite, cond)
+        x, h = dpmpp_2m_step(x, denoised, old_denoised, h_last, sigmas[i], sigmas[i + 1])
+        h_last = h if h is not None else h_last
         old_denoised = denoised
         _emit(callback, i, sigmas, x, denoised)
     return x
-
-
-_IPNDM_COEFFS = (
-    (1.0,),
-    (3 / 2, -1 / 2),
-    (23 / 12, -16 / 12, 5 / 12),
-    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
-)
 
 
 def ipndm(
@@ -160,12 +214,8 @@ def ipndm(
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = _denoise(denoiser, x, s, i, check_finite, cond)
-        d = (x - denoised) / s
-        history.insert(0, d)
-        history = history[:max_order]
-        coeffs = _IPNDM_COEFFS[len(history) - 1]
-        d_comb = sum(c * h for c, h in zip(coeffs, history))
-        x = x + (s_next - s) * d_comb
+        history = [(x - denoised) / s, *history][:max_order]
+        x = ipndm_step(x, history, s, s_next)
         _emit(callback, i, sigmas, x, denoised)
     return x
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
+from fastgen.core import solvers as core_solvers
 from fastgen.core.denoiser import DiffusersVPDenoiser
 from fastgen.core.schedules import flow_t_to_sigma, is_flow_config, validate_sigmas
 from fastgen.samplers.restart import jump
@@ -470,44 +471,30 @@ class PlanSchedulerMixin:
         return out
 
     def _advance(self, x: torch.Tensor, denoised: torch.Tensor, c: int) -> torch.Tensor:
-        """One solver stage in VE sigma: the formulas of ``fastgen.core.solvers`` as fused tensor ops."""
+        """One solver stage in VE sigma, through the step functions of ``fastgen.core.solvers``."""
         calls = self._calls
         s, sn = calls.step_from[c], calls.step_to[c]
         solver = calls.solver
-        if solver == "euler":  # D + (sn / s) (x - D)
-            return torch.lerp(denoised, x, sn / s)
+        if solver == "euler":
+            return core_solvers.euler_step(x, denoised, s, sn)
         if solver == "heun":
-            if calls.stage[c] == 0:  # d = (x - D) / s;  x + (sn - s) d
-                d = torch.sub(x, denoised).div_(s)
+            if calls.stage[c] == 0:
+                x_euler, d = core_solvers.heun_predict(x, denoised, s, sn)
                 if sn > 0:
                     self._heun = (x, d)
-                return torch.add(x, d, alpha=sn - s)
+                return x_euler
             x0, d = self._heun
             self._heun = None
-            d_2 = torch.sub(x, denoised).div_(sn)  # x0 + (sn - s) (d + d_2) / 2
-            return torch.add(x0, d.add_(d_2), alpha=(sn - s) / 2)
+            return core_solvers.heun_correct(x0, d, x, denoised, s, sn)
         if solver == "dpmpp_2m":
             old, self._old_denoised = self._old_denoised, denoised
-            if sn == 0:
-                return denoised
-            h = math.log(s) - math.log(sn)
-            if old is None:
-                d_hat = denoised
-            else:
-                r = self._h_last / h
-                d_hat = torch.mul(denoised, 1 + 1 / (2 * r)).add_(old, alpha=-1 / (2 * r))
-            self._h_last = h
-            return torch.mul(x, sn / s).add_(d_hat, alpha=-math.expm1(-h))
+            x_next, h = core_solvers.dpmpp_2m_step(x, denoised, old, self._h_last, s, sn)
+            if h is not None:
+                self._h_last = h
+            return x_next
         if solver == "ipndm":
-            from fastgen.core.solvers import _IPNDM_COEFFS
-
-            self._history.insert(0, torch.sub(x, denoised).div_(s))
-            del self._history[4:]
-            coeffs = _IPNDM_COEFFS[len(self._history) - 1]
-            d_comb = torch.mul(self._history[0], coeffs[0])
-            for k, h in zip(coeffs[1:], self._history[1:]):
-                d_comb.add_(h, alpha=k)
-            return d_comb.mul_(sn - s).add_(x)
+            self._history = [(x - denoised) / s, *self._history][:4]
+            return core_solvers.ipndm_step(x, self._history, s, sn)
         raise ValueError(f"unknown solver {solver!r}")
 
     def step(
