@@ -12,15 +12,16 @@ For one solver and one NFE budget, the schedule is learned by backpropagating th
 - **Soft loss**: ``E min_{x'_T in B(x_T, r sigma_T)} d(Psi_xi(x'_T), Psi*(x_T))``; the latent is a
   per-sample parameter moved by projected gradient steps inside the ball of radius
   ``r = 0.001 d / steps^2`` (unit-noise units); a move is kept for a sample only if its loss fell
-  (under the updated schedule), and the latent step is halved after an iteration with no accepted
-  move. ``d`` defaults to the per-sample RMSE in data space; any differentiable
-  ``distance(a, b) -> (B,)`` can be passed (e.g. LPIPS on decoded latents).
+  (loss after the schedule and latent updates vs. the loss of this iteration's forward pass), and
+  the latent step is halved after an iteration with no accepted move. ``d`` defaults to the
+  per-sample RMSE in data space; any differentiable ``distance(a, b) -> (B,)`` can be passed
+  (e.g. LPIPS on decoded latents).
 - **Optimisation**: RMSprop (lr 0.005, momentum 0.9) on the logits, SGD (lr 0.1/steps) on the
   offsets, gradient clipping at norm 1, a first phase on the logits only, validation on a held-out
   split every iteration, patience: reload the best state and multiply the learning rates by 0.8;
   stop at ``iterations`` or after the learning rate hit its floor ``max_floor_hits`` times.
 
-Cost: the latent acceptance test adds two no-grad solves per iteration (``ball_radius=0`` skips it).
+Cost: the latent acceptance test adds one no-grad solve per iteration (``ball_radius=0`` skips it).
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ def learn_ld3(
             latent.grad = None
         lat = latent[bidx] if radius > 0 else noise[idx]
         out = run(logits, offsets if decoupled else offsets.detach(), lat, idx)
-        loss = distance(out, targets[idx]).mean()
+        per_sample = distance(out, targets[idx])
+        loss = per_sample.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([logits, offsets], 1.0)
         opt1.step()
@@ -232,7 +234,7 @@ def learn_ld3(
             offsets.grad = None
         if radius > 0 and latent.grad is not None:
             with torch.no_grad():  # projected step on the latent; kept per sample only if its loss fell
-                before = distance(run(logits, offsets, latent[bidx], idx), targets[idx])
+                before = per_sample.detach()
                 delta = latent[bidx] - lr_latent * latent.grad[bidx] - noise[idx]
                 norm = delta.reshape(delta.shape[0], -1).norm(dim=1).clamp(min=1e-20)
                 scale = (radius / norm).clamp(max=1.0).reshape(-1, *([1] * (delta.ndim - 1)))
