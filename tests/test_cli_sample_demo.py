@@ -14,8 +14,6 @@ from fastgen.core.denoiser import from_diffusers
 from fastgen.models import list_models
 from tests._tiny_models import tiny_unet, vp_scheduler_config
 
-HAS_TEACHER = "digits-edm" in list_models()
-
 
 @pytest.fixture(scope="module")
 def ddpm_folder(tmp_path_factory):
@@ -85,8 +83,6 @@ def test_sample_clear_errors(ddpm_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", sorted(list_models()))
 def test_sample_each_embedded_model(name, tmp_path, capsys):
-    if name == "digits-classifier":
-        pytest.skip("the classifier is a feature network, not a generator")  # pragma: no cover
     out = tmp_path / "s.npz"
     steps = "2" if "shortcut" in name else "4"
     assert main(["sample", "--model", name, "--steps", steps, "--num", "20", "--out", str(out), "--no-progress"]) == 0
@@ -95,7 +91,6 @@ def test_sample_each_embedded_model(name, tmp_path, capsys):
     assert x.std() > 0.1  # not a constant image
 
 
-@pytest.mark.skipif(not HAS_TEACHER, reason="needs the embedded digits teacher")
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--num", "200", "--no-progress"]) == 0

@@ -56,6 +56,8 @@ def load_embedded(name: str, device: str = "cpu") -> LoadedModel:
 
     info = zoo.model_info(name)
     kind = info.get("kind", "edm")
+    if kind == "edm" and "beta" in info.get("network", {}).get("scalars", []):
+        kind = "gft"  # guidance-free trained: guidance goes through the beta input, one pass
     den_spec = info.get("denoiser", {}) or {}
     sigma_min = float(den_spec.get("sigma_min", info.get("sigma_min", 0.002)))
     sigma_max = float(den_spec.get("sigma_max", info.get("sigma_max", 80.0)))
