@@ -95,12 +95,12 @@ def resolve_schedule(spec: SampleSpec, model: LoadedModel, solver: str):
     return sig, sched.wrap
 
 
-def _default_sampler(model: LoadedModel) -> str:
+def default_sampler(model: LoadedModel) -> str:
     return {"shortcut": "shortcut", "student": "student"}.get(model.kind, "heun")
 
 
 def _check_spec(spec: SampleSpec, model: LoadedModel) -> str:
-    sampler = spec.sampler or _default_sampler(model)
+    sampler = spec.sampler or default_sampler(model)
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if isinstance(spec.steps, bool) or not isinstance(spec.steps, int) or spec.steps < 1:

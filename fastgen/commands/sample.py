@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastgen.commands._generate import NAMED_SCHEDULES, SAMPLERS, SampleSpec, generate
+from fastgen.commands._generate import NAMED_SCHEDULES, SAMPLERS, SampleSpec, default_sampler, generate
 from fastgen.commands._models import resolve_model
 
 
@@ -48,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         from fastgen.metrics.io import save_image_folder
 
         save_image_folder(samples.clamp(-1, 1), out)
-    print(json.dumps({"model": model.name, "sampler": spec.sampler or model.kind, "nfe": nfe,
+    print(json.dumps({"model": model.name, "sampler": spec.sampler or default_sampler(model), "nfe": nfe,
                       "num": int(samples.shape[0]), "out": str(out)}))
     return 0
