@@ -140,6 +140,7 @@ def test_ratio_estimator_recovers_gaussian_log_ratio():
 # ----------------------------------------------------------------------------- toy distillation
 
 
+@pytest.mark.slow  # ~11 s alone on one core; more on a loaded machine
 def test_gmm_distillation_moves_student_toward_the_mixture():
     """Exact mixture teacher, MLP fake score (fitted to the initial student first), MLP generator."""
     gm = ring_mixture()
