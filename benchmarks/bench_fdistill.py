@@ -8,7 +8,9 @@
    ``fastgen distill`` on each ``configs/distill/digits-*.yaml``), against the teacher at 35 NFE Heun.
 3. **Speed:** samples/s of the one-step student vs the teacher at 35 NFE Heun, same batch.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_fdistill.py [--seeds 3] [--steps 3000]``.
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.bench_fdistill [--seeds 3] [--steps 3000]`` (ring results are
+cached per divergence in ``benchmarks/results/fdistill_ring_<div>.json``; ``--ring-only DIV`` fills one cache,
+so the divergences can run as parallel processes).
 """
 
 from __future__ import annotations
@@ -78,19 +80,29 @@ def distill_ring(divergence: str, seed: int, steps: int) -> dict[str, float]:
     return {**mode_metrics(x, gm), "energy": energy_distance(x, ref)}
 
 
+def ring_results(div: str, seeds: int, steps: int) -> list[dict[str, float]]:
+    """Per-seed metrics for one divergence, cached in ``benchmarks/results/fdistill_ring_<div>.json``."""
+    cache = RESULTS / f"fdistill_ring_{div}.json"
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data["seeds"] == seeds and data["steps"] == steps:
+            return data["results"]
+    res = [distill_ring(div, s, steps) for s in range(seeds)]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"seeds": seeds, "steps": steps, "results": res}, indent=1) + "\n")
+    return res
+
+
 def ring_section(seeds: int, steps: int) -> str:
-    rows, raw = [], {}
+    rows = []
     for div in DIVERGENCES:
-        res = [distill_ring(div, s, steps) for s in range(seeds)]
-        raw[div] = res
+        res = ring_results(div, seeds, steps)
 
         def ms(key: str, res=res) -> str:
             v = torch.tensor([r[key] for r in res], dtype=torch.float64)
             return f"{float(v.mean()):.3f} ± {float(v.std()) if len(v) > 1 else 0.0:.3f}"
 
         rows.append([div, ms("modes"), ms("tv"), ms("precision"), ms("energy")])
-        print(div, rows[-1], flush=True)
-    (RESULTS / "fdistill_ring.json").write_text(json.dumps(raw, indent=1) + "\n")
     gm = ring_mixture(weights="imbalanced")
     w = ", ".join(f"{float(v):.3f}" for v in gm.weights)
     return (
@@ -189,16 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument(
-        "--skip-ring", action="store_true", help="reuse the cached table in benchmarks/results/fdistill_ring_table.txt"
-    )
+    p.add_argument("--ring-only", metavar="DIV", default=None, help="compute and cache one divergence, then exit")
     args = p.parse_args(argv)
+    if args.ring_only:
+        ring_results(args.ring_only, args.seeds, args.steps)
+        return
     parts = []
-    if args.skip_ring and (RESULTS / "fdistill_ring_table.txt").is_file():
-        ring = (RESULTS / "fdistill_ring_table.txt").read_text()
-    else:
-        ring = ring_section(args.seeds, args.steps)
-        (RESULTS / "fdistill_ring_table.txt").write_text(ring)
+    ring = ring_section(args.seeds, args.steps)
     parts.append("### Mode coverage on an imbalanced mixture\n\n" + ring)
     parts.append("### Digits: one-step students vs the teacher\n\n" + digits_section())
     teacher, student = load_models()
