@@ -2,11 +2,19 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fastgen.metrics import InceptionExtractor, evaluate, images_to_uint8
+from fastgen.metrics import (
+    InceptionExtractor,
+    evaluate,
+    extract_features,
+    frechet_distance,
+    images_to_uint8,
+    load_stats,
+)
 from fastgen.metrics import inception as inc
 
 
@@ -110,7 +118,7 @@ def test_hash_check_and_key_check(tmp_path, weights):
 
 
 def test_end_to_end_and_torchmetrics_parity(weights, tmp_path):
-    """The expensive test: 8 forward passes of one 299x299 image through the 24M-parameter network."""
+    """The expensive test: 4 forward passes of one 299x299 image through the 24M-parameter network."""
     from safetensors.torch import save_file
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -120,6 +128,26 @@ def test_end_to_end_and_torchmetrics_parity(weights, tmp_path):
     fake = (torch.rand(2, 1, 16, 16, generator=gen) * 2 - 1).expand(-1, 3, -1, -1).contiguous()
     ex = InceptionExtractor(path, sha256=digest)
     assert ex.metadata()["weights_sha256"] == digest and ex.metadata()["resize"] == "tf"
+    real_net, calls = ex.net, []
+
+    class PerImageCache(nn.Module):
+        """The loaded network, run once per distinct image (both libraries see the same outputs)."""
+
+        def __init__(self):
+            super().__init__()
+            self.cache = {}
+
+        def forward(self, x):
+            outs = []
+            for img in x:
+                key = img.numpy().tobytes()
+                if key not in self.cache:
+                    calls.append(1)
+                    self.cache[key] = real_net(img[None])
+                outs.append(self.cache[key])
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    ex._net = PerImageCache()  # 4 distinct images: 4 forward passes instead of 9
 
     class Pool(nn.Module):  # the same network as a torchmetrics custom feature module
         num_features = 2048
@@ -131,11 +159,35 @@ def test_end_to_end_and_torchmetrics_parity(weights, tmp_path):
     tm.update(images_to_uint8(real), real=True)
     tm.update(images_to_uint8(fake), real=False)
     # fastgen: float images in [-1, 1] (1-channel fake repeated to RGB inside), batches of 1
-    res = evaluate(fake[:, :1], real, ex, ("fid", "is"), is_splits=1, batch_size=1, progress=False)
-    assert res["n_samples"] == 2
-    assert res["fid"] == pytest.approx(float(tm.compute()), rel=1e-5)
-    assert res["fid"] > 0
+    out = tmp_path / "fake.npz"
+    res = evaluate(fake[:, :1], real, ex, ("fid", "is"), is_splits=1, batch_size=1, progress=False, save_stats_to=out)
+    assert res["n_samples"] == 2 and res["fid"] > 0
     assert 1.0 <= res["is_mean"] <= 2.0 + 1e-9  # 2 images: IS <= 2
+    # the statistics equal torchmetrics' float64 states (same network, same uint8 images)
+    mine = load_stats(out)
+    n = int(tm.fake_features_num_samples)
+    mu_tm = (tm.fake_features_sum / n).numpy()
+    cov_tm = (
+        (tm.fake_features_cov_sum - n * torch.outer(tm.fake_features_sum / n, tm.fake_features_sum / n)) / (n - 1)
+    ).numpy()
+    np.testing.assert_allclose(mine.mu, mu_tm, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(mine.sigma, cov_tm, rtol=1e-6, atol=1e-9)
+    assert mine.meta["extractor"].startswith("inception") and mine.meta["weights_sha256"] == digest
+    # and so does the distance (on a 64-d block: torchmetrics' 2048-d eigvals costs seconds on a CPU)
+    real_st = extract_features(real, ex, progress=False).stats
+    blk = slice(0, 64)
+    from torchmetrics.image.fid import _compute_fid
+
+    expected = float(
+        _compute_fid(
+            torch.from_numpy(mine.mu[blk]),
+            torch.from_numpy(mine.sigma[blk, blk]),
+            real_st.mu[blk],
+            real_st.sigma[blk, blk],
+        )
+    )
+    got = frechet_distance(mine.mu[blk], mine.sigma[blk, blk], real_st.mu[blk], real_st.sigma[blk, blk])
+    assert got == pytest.approx(expected, rel=1e-6)
     feats, logits = ex(real[:1])
     assert feats.shape == (1, 2048) and logits.shape == (1, 1008)
     assert torch.isfinite(feats).all() and feats.std() > 1e-3
@@ -145,3 +197,4 @@ def test_end_to_end_and_torchmetrics_parity(weights, tmp_path):
     net2 = inc.load_inception(st_path, sha256=inc.file_sha256(st_path))
     for (k, v), (k2, v2) in zip(ex.net.state_dict().items(), net2.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
+    assert len(calls) == 4
