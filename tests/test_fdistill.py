@@ -230,9 +230,7 @@ def test_cfg_guided_teacher_and_class_conditioning():
     x, sig = torch.randn(5, 2), torch.full((5,), 1.3)
     lab = torch.tensor([0, 1, 2, 3, 4])
     cond_d, uncond_d = teacher(x, sig, class_labels=lab), teacher(x, sig)
-    torch.testing.assert_close(
-        m.teacher_predict(x, sig, {"class_labels": lab}), cond_d + 1.5 * (cond_d - uncond_d)
-    )
+    torch.testing.assert_close(m.teacher_predict(x, sig, {"class_labels": lab}), cond_d + 1.5 * (cond_d - uncond_d))
     out = m.step({"x": torch.randn(6, 2), "label": torch.arange(6)}, 0, torch.Generator().manual_seed(0))
     assert set(out) == {"student", "critic"}
     with pytest.raises(ValueError, match="label"):
@@ -453,3 +451,33 @@ def test_saved_student_is_a_zoo_model(tmp_path):
     z, lab = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     with torch.no_grad():
         torch.testing.assert_close(loaded(z, lab), student(z, lab))
+
+
+def test_cli_distill_writes_a_loadable_student_and_rejects_bad_configs(tmp_path, capsys):
+    from fastgen.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = str(root / "configs" / "distill" / "ring-js.yaml")
+    common = [
+        "--no-progress",
+        "--set",
+        f"output_dir={tmp_path / 'run'}",
+        "--set",
+        "batch_size=32",
+        "--set",
+        "network={kind: mlp, in_dim: 2, width: 16, depth: 1}",
+        "--set",
+        "data.num_samples=256",
+    ]
+    assert main(["distill", cfg, "--set", "steps=3", *common]) == 0
+    student, doc = load_student(tmp_path / "run" / "student")
+    assert doc["metadata"]["steps"] == 3 and doc["metadata"]["divergence"] == "js"
+    assert student(torch.randn(4, 2)).shape == (4, 2)
+    assert main(["distill", cfg, "--set", "method.divergence=tv", *common]) == 2
+    assert "unknown divergence 'tv'" in capsys.readouterr().err
+    assert (
+        main(
+            ["distill", cfg, "--set", "method.feature_layers=[net.nope]", "--set", "method.placement=teacher", *common]
+        )
+        == 2
+    )
