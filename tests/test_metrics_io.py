@@ -65,9 +65,7 @@ def test_png_folder_and_npz_images_give_digits_fd(tmp_path):
     u8 = torch.cat(batches).permute(0, 2, 3, 1).numpy()  # NHWC uint8 like EDM/ADM sample files
     np.savez(tmp_path / "samples.npz", arr_0=u8)
     assert load_npz_images(tmp_path / "samples.npz").shape == (899, 1, 8, 8)
-    assert fid(tmp_path / "samples.npz", "digits:test", features="digits", progress=False) == pytest.approx(
-        fd_png
-    )
+    assert fid(tmp_path / "samples.npz", "digits:test", features="digits", progress=False) == pytest.approx(fd_png)
 
 
 def test_cli_fid_stats_is_roundtrip(tmp_path, capsys):

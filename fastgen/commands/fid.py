@@ -131,13 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--kid", action="store_true", help="also report KID (needs reference images)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default 1000)")
-    p.add_argument(
-        "--pr", action="store_true", help="also report precision/recall (k-NN, needs reference images)"
-    )
+    p.add_argument("--pr", action="store_true", help="also report precision/recall (k-NN, needs reference images)")
     p.add_argument("--k", type=int, default=3, help="k of the precision/recall k-NN balls (default 3)")
-    p.add_argument(
-        "--save-stats", default=None, metavar="PATH", help="also save the samples' statistics (.npz)"
-    )
+    p.add_argument("--save-stats", default=None, metavar="PATH", help="also save the samples' statistics (.npz)")
     p.set_defaults(func=_run_fid)
 
     s = subparsers.add_parser(
