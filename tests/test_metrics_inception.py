@@ -107,6 +107,9 @@ def test_hash_check_and_key_check(tmp_path, weights):
     path, digest = weights
     with pytest.raises(ValueError, match=f"does not match the expected {inc.INCEPTION_SHA256}"):
         inc.load_inception(path)  # default: the standard FID weights' sha256
+    net64 = inc.load_inception(path, sha256=digest, dtype=torch.float64)  # the float64 extractor option
+    assert net64.fc.weight.dtype == torch.float64 and not net64.training
+    assert all(not p.requires_grad for p in net64.parameters())
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(3)}, bad)
     with pytest.raises(ValueError, match="keys do not match"):

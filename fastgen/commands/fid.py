@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -34,6 +36,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", default=None, help="torch device for the feature network (default cpu)")
+    p.add_argument(
+        "--float64", action="store_true", help="run the Inception network in float64 (slower; batch-size independent)"
+    )
     p.add_argument("--max-samples", type=int, default=None, help="use at most this many images per side")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -49,6 +54,7 @@ def _kw(args: argparse.Namespace) -> dict:
         resize=args.resize,
         max_samples=args.max_samples,
         progress=not args.no_progress,
+        dtype=torch.float64 if args.float64 else torch.float32,
     )
 
 

@@ -92,6 +92,7 @@ def extract_features(
     device: str | torch.device | None = None,
     inception_weights: str | Path | None = None,
     resize: str = "tf",
+    dtype: torch.dtype = torch.float32,
     keep_features: bool = False,
     keep_logits: bool = False,
     max_samples: int | None = None,
@@ -104,7 +105,8 @@ def extract_features(
         source: images (see module docstring).
         features: ``"inception"``, ``"digits"``, an ``nn.Module`` or a :class:`FeatureExtractor`.
         batch_size: images per forward pass (sources that are iterables keep their own batches).
-        device, inception_weights, resize: passed to the extractor (see :func:`get_extractor`).
+        device, inception_weights, resize, dtype: passed to the extractor (see :func:`get_extractor`);
+            ``dtype=torch.float64`` runs Inception in double precision (batch-size independent features).
         keep_features / keep_logits: also return all features ``(N, d)`` / logits ``(N, K)`` (float32).
         max_samples: stop after this many images.
         progress: show a tqdm bar.
@@ -114,7 +116,7 @@ def extract_features(
     """
     from tqdm.auto import tqdm
 
-    ex = get_extractor(features, inception_weights=inception_weights, resize=resize, device=device)
+    ex = get_extractor(features, inception_weights=inception_weights, resize=resize, device=device, dtype=dtype)
     batches, total = iter_source(source, batch_size)
     if max_samples is not None:
         if not isinstance(max_samples, int) or max_samples < 2:
@@ -183,6 +185,7 @@ def _pop_extractor(features: Features, kw: dict[str, Any]) -> FeatureExtractor:
         inception_weights=kw.pop("inception_weights", None),
         resize=kw.pop("resize", "tf"),
         device=kw.pop("device", None),
+        dtype=kw.pop("dtype", torch.float32),
     )
 
 
