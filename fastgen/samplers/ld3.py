@@ -70,6 +70,29 @@ def clamp_offsets(offsets: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
     return offsets.clamp(-width, width) * mask
 
 
+def init_logits(init: str | Schedule | torch.Tensor, steps: int, sigma_min: float, sigma_max: float
+                ) -> torch.Tensor:
+    """Logits (steps,) whose knots reproduce ``init``: "loglinear" (equal logits), "karras" (rho = 7
+    knots of ``steps + 1``), or a schedule ending in 0 with ``steps + 1`` sigmas (e.g. a DP/GITS result,
+    the paper's optional GITS initialisation): its positive sigmas are clipped into
+    [sigma_min, sigma_max], the first set to sigma_max, and sigma_min appended as the last knot."""
+    if isinstance(init, str):
+        if init == "loglinear":
+            return torch.zeros(steps, dtype=torch.float64)
+        knots = karras(steps + 1, sigma_min, sigma_max)[:-1]
+    else:
+        sig = init.sigmas if isinstance(init, Schedule) else torch.as_tensor(init, dtype=torch.float64)
+        sig = sig.detach().double().cpu()
+        if sig.ndim != 1 or sig.shape[0] != steps + 1 or float(sig[-1]) != 0:
+            raise ValueError(f"init schedule must have {steps + 1} sigmas ending in 0 (the solver's steps "
+                             f"for this nfe), got {sig.tolist()}")
+        pos = sig[:-1].clamp(sigma_min, sigma_max)
+        pos[0] = sigma_max
+        knots = torch.cat([pos, pos.new_tensor([sigma_min])])
+    gaps = (knots[:-1].log() - knots[1:].log()).clamp(min=1e-6 * math.log(sigma_max / sigma_min))
+    return (gaps / gaps.sum()).log()
+
+
 def teacher_endpoints(denoiser: Callable[..., torch.Tensor], x_t: torch.Tensor, sigma_max: float,
                       teacher_steps: int | None = None, rtol: float = 1e-5, **cond: Any) -> torch.Tensor:
     """Accurate ODE endpoints from ``x_t`` at ``sigma_max`` to 0: adaptive dopri5 (``teacher_steps``
@@ -109,7 +132,7 @@ def learn_ld3(
     patience: int = 5,
     min_lr: float = 5e-5,
     max_floor_hits: int = 5,
-    init: str = "loglinear",
+    init: str | Schedule | torch.Tensor = "loglinear",
     class_labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
@@ -130,6 +153,9 @@ def learn_ld3(
             0 gives the hard loss.
         distance: per-sample differentiable distance ``(B, ...) x (B, ...) -> (B,)``; default RMSE.
         class_labels: optional (M,) labels passed as ``class_labels=``.
+        init: "loglinear" (equal logits, the paper's default), "karras", or a schedule ending in 0
+            with the solver's step count (e.g. a :mod:`fastgen.samplers.dp` result: GITS init);
+            validation keeps the best state, the initial one included.
 
     Returns a :class:`Schedule` ending in 0 with ``steps + 1`` sigmas (``eval_sigmas`` set when
     decoupled); ``objective`` is the best validation loss; ``meta`` holds the initial validation
@@ -150,8 +176,8 @@ def learn_ld3(
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    if init not in ("loglinear", "karras"):
-        raise ValueError(f"init must be 'loglinear' or 'karras', got {init!r}")
+    if isinstance(init, str) and init not in ("loglinear", "karras"):
+        raise ValueError(f"init must be 'loglinear', 'karras', a Schedule or a sigma tensor, got {init!r}")
     m = noise.shape[0]
     if class_labels is not None:
         cond = {**cond, "class_labels": class_labels}
@@ -173,12 +199,7 @@ def learn_ld3(
     distance = distance or rmse_distance
     solve = get_solver(solver)
 
-    if init == "loglinear":
-        logits = torch.zeros(steps, dtype=torch.float64)
-    else:
-        k = karras(steps + 1, lo, hi)[:-1]
-        gaps = k[:-1].log() - k[1:].log()
-        logits = (gaps / gaps.sum()).log()
+    logits = init_logits(init, steps, lo, hi)
     logits.requires_grad_(True)
     offsets = torch.zeros(steps + 1, dtype=torch.float64, requires_grad=True)
     latent = noise[tr].detach().clone().requires_grad_(True)
