@@ -89,3 +89,17 @@ def test_soft_ball_latents_stay_inside_the_ball():
     s0 = learn_ld3(den, noise, solver="dpmpp_2m", nfe=4, iterations=8, ball_radius=0.0, generator=g,
                    progress=False)
     assert s0.meta["latent_moves_accepted"] == 0 and s0.meta["max_latent_shift"] == 0.0
+
+
+def test_init_from_a_schedule_reproduces_it():
+    from fastgen.core.schedules import karras
+    from fastgen.samplers.ld3 import init_logits
+
+    sig = karras(5, 0.05, 80.0)  # 5 steps ending in 0, last positive 0.05
+    knots = logits_to_knots(init_logits(sig, 5, 0.002, 80.0), 0.002, 80.0)
+    assert torch.allclose(knots[:-1], sig[:-1], rtol=1e-9)
+    assert float(knots[-1]) == pytest.approx(0.002)
+    flat = logits_to_knots(init_logits("karras", 4, 0.002, 80.0), 0.002, 80.0)
+    assert torch.allclose(flat, karras(5, 0.002, 80.0)[:-1], rtol=1e-9)
+    with pytest.raises(ValueError, match="init schedule must have 6 sigmas"):
+        init_logits(karras(3, 0.05, 80.0), 5, 0.002, 80.0)
