@@ -161,8 +161,8 @@ def guidance_section() -> tuple[str, dict]:
         f"schedule, 16 steps (31 denoiser evaluations), {N} samples; network calls counted (batched passes).\n\n"
         + markdown_table(["w", "FD CFG", "calls CFG", "FD GFT", "calls GFT", "FD GFT / FD CFG",
                           "p(class) CFG", "p(class) GFT"], grows)
-        + "\n\nClaim \"FD within 10% of CFG at half the network calls\": "
-        + ", ".join(f"w = {w:g}: {'yes' if abs(g / c - 1) <= 0.10 else 'no'} ({g / c:.2f})"
+        + "\n\nClaim \"GFT's FD within 10% of CFG's (no worse than 1.10x) at half the network calls\": "
+        + ", ".join(f"w = {w:g}: {'yes' if g / c <= 1.10 else 'no'} ({g / c:.2f})"
                     for w, c, g in zip(WS, curves["CFG"], curves["GFT"]))
         + f"; network calls halved at every w: {all(r[2] == 2 * r[4] for r in grows)}."
         + f"\n\n### ICG / TSG vs CFG vs no guidance ({tname}, same sampler)\n\np(class) = the digits "
