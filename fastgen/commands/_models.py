@@ -55,25 +55,21 @@ def load_embedded(name: str, device: str = "cpu") -> LoadedModel:
     from fastgen.models import zoo
 
     info = zoo.model_info(name)
-    kind = info.get("kind", "edm")
-    if kind == "edm" and "beta" in info.get("network", {}).get("scalars", []):
-        kind = "gft"  # guidance-free trained: guidance goes through the beta input, one pass
+    from fastgen.distill.student import OneStepStudent
+    from fastgen.samplers.shortcut import ShortcutDenoiser
+
+    model = zoo.load(name, device=device)
     den_spec = info.get("denoiser", {}) or {}
     sigma_min = float(den_spec.get("sigma_min", info.get("sigma_min", 0.002)))
     sigma_max = float(den_spec.get("sigma_max", info.get("sigma_max", 80.0)))
     common = dict(name=name, shape=_shape(info), sigma_min=sigma_min, sigma_max=sigma_max,
                   num_classes=_num_classes(info), info=info)
-    if kind == "shortcut":
-        from fastgen.samplers.shortcut import ShortcutNet
-
-        net = zoo.load_network(name, device=device)
-        model = ShortcutNet(net, int(info.get("max_steps", 128)), info.get("d_key", "d"))
-        return LoadedModel(kind="shortcut", shortcut=model, **common)
-    model = zoo.load(name, device=device)
-    if "student" in kind or "fdistill" in name:
+    if isinstance(model, ShortcutDenoiser):
+        return LoadedModel(kind="shortcut", shortcut=model.model, denoiser=model, **common)
+    if isinstance(model, OneStepStudent):
         return LoadedModel(kind="student", student=model, **common)
-    if kind == "gft":
-        return LoadedModel(kind="gft", denoiser=model, **common)
+    if "beta" in info.get("network", {}).get("scalars", []):
+        return LoadedModel(kind="gft", denoiser=model, **common)  # guidance through beta = 1/w, one pass
     return LoadedModel(kind="denoiser", denoiser=model, **common)
 
 
