@@ -88,15 +88,20 @@ def _expm1(v: Any) -> Any:
     return torch.expm1(v) if isinstance(v, torch.Tensor) else math.expm1(v)
 
 
+def _axpy(x: torch.Tensor, a: Any, y: torch.Tensor) -> torch.Tensor:
+    """``x + a * y``; one fused kernel when ``a`` is a Python float (the schedulers' path)."""
+    return torch.add(x, y, alpha=a) if isinstance(a, float) else x + a * y
+
+
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, s: Any, s_next: Any) -> torch.Tensor:
     """One Euler (= DDIM) step from ``s`` to ``s_next`` (>= 0): ``D + (s_next / s)(x - D)``."""
-    return denoised + (s_next / s) * (x - denoised)
+    return torch.lerp(denoised, x, s_next / s)
 
 
 def heun_predict(x: torch.Tensor, denoised: torch.Tensor, s: Any, s_next: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Heun's predictor: ``(x_euler, d)`` with ``d = (x - D) / s`` and ``x_euler = x + (s_next - s) d``."""
     d = (x - denoised) / s
-    return x + (s_next - s) * d, d
+    return _axpy(x, s_next - s, d), d
 
 
 def heun_correct(
@@ -104,7 +109,7 @@ def heun_correct(
 ) -> torch.Tensor:
     """Heun's corrector (``s_next`` > 0): ``x + (s_next - s)(d + d_2) / 2``, ``d_2 = (x_euler - D_2) / s_next``."""
     d_2 = (x_euler - denoised_2) / s_next
-    return x + (s_next - s) * (d + d_2) / 2
+    return _axpy(x, (s_next - s) / 2, d + d_2)
 
 
 def dpmpp_2m_step(
@@ -117,12 +122,9 @@ def dpmpp_2m_step(
     if float(s_next) == 0:
         return denoised, None
     h = _log(s) - _log(s_next)
-    if old_denoised is None:
-        d_hat = denoised
-    else:
-        r = h_last / h
-        d_hat = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-    return (s_next / s) * x - _expm1(-h) * d_hat, h
+    # d_hat = (1 + 1/(2r)) D - 1/(2r) D_old = lerp(D_old, D, 1 + 1/(2r)), r = h_last / h
+    d_hat = denoised if old_denoised is None else torch.lerp(old_denoised, denoised, 1 + h / (2 * h_last))
+    return _axpy((s_next / s) * x, -_expm1(-h), d_hat), h
 
 
 #: Adams-Bashforth coefficients of iPNDM by order (newest derivative first).
@@ -138,8 +140,10 @@ _IPNDM_COEFFS = IPNDM_COEFFS  # backward-compatible alias
 def ipndm_step(x: torch.Tensor, history: list[torch.Tensor], s: Any, s_next: Any) -> torch.Tensor:
     """One iPNDM step with derivatives ``history`` (newest first, 1 to 4 of them): order ``len(history)``."""
     coeffs = IPNDM_COEFFS[len(history) - 1]
-    d_comb = sum(c * h for c, h in zip(coeffs, history))
-    return x + (s_next - s) * d_comb
+    d_comb = history[0] * coeffs[0]
+    for c, h in zip(coeffs[1:], history[1:]):
+        d_comb = d_comb.add_(h, alpha=c)
+    return _axpy(x, s_next - s, d_comb)
 
 
 # ------------------------------------------------------------------------------------------
