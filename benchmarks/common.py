@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +74,8 @@ def assemble() -> Path:
         "Each section names the machine, versions and date it was measured on.\n",
     ]
     for sec in sorted(RESULTS.glob("*.md")):
-        parts.append(sec.read_text())
+        # images named relative to benchmarks/results/ are re-pointed for BENCHMARKS.md at the root
+        parts.append(re.sub(r"\]\(([^/()]+\.png)\)", r"](benchmarks/results/\1)", sec.read_text()))
     out = ROOT / "BENCHMARKS.md"
     out.write_text("\n".join(parts))
     return out
