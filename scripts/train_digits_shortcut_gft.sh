@@ -5,13 +5,11 @@
 #   bash scripts/train_digits_shortcut_gft.sh shortcut     # configs/train/digits-shortcut.yaml
 #   bash scripts/train_digits_shortcut_gft.sh gft          # configs/train/digits-gft.yaml (needs digits-edm)
 #
-# The shipped weights were made, on a 2-core machine shared with the still-running teacher training, by
-#   bash scripts/train_digits_shortcut_gft.sh shortcut --set steps=4000
-#   bash scripts/train_digits_shortcut_gft.sh gft --set method.init=runs/gft-base/digits-edm-step4000.safetensors \
-#        --set steps=1500
-# where the GFT init is the EMA of the digits-edm run's step-4000 checkpoint (the final teacher was not ready):
-#   python -c "from safetensors.torch import save_file; from fastgen.models.zoo import ema_state_from_checkpoint as e;
-#              save_file(e('runs/digits-edm/checkpoints/step_00004000'), 'runs/gft-base/digits-edm-step4000.safetensors')"
+# The shipped weights were made by exactly
+#   bash scripts/train_digits_shortcut_gft.sh shortcut                  # 8000 steps, ~45 min on the shared CPU
+#   bash scripts/train_digits_shortcut_gft.sh gft --set steps=2000      # from the final digits-edm, ~3 min
+# (an earlier GFT run fine-tuned from the EMA of the teacher run's step-4000 checkpoint via
+#  --set method.init=<that file>.safetensors; any safetensors path or zoo name works as init).
 #
 # Extra arguments are passed to `fastgen train` (e.g. --set steps=4000). Resumable: re-running continues
 # from the latest checkpoint in runs/digits-<model>.
