@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fastgen.core.denoiser import EDMDenoiser
+from fastgen.train.method import SingleNetworkMethod
 
 __all__ = ["EDMMethod", "edm_loss", "drop_labels"]
 
@@ -56,7 +57,7 @@ def edm_loss(
     return (weight.to(dt) * per_row).mean()
 
 
-class EDMMethod:
+class EDMMethod(SingleNetworkMethod):
     """EDM teacher training for a net ``net(x_in, c_noise, class_labels=None, **scalars) -> F``.
 
     Args:
@@ -88,25 +89,6 @@ class EDMMethod:
         self.label_dropout = float(label_dropout)
         self.num_classes = int(getattr(net, "num_classes", 0) if num_classes is None else num_classes)
         self.last_logs: dict[str, float] = {}
-
-    # -- Method protocol -------------------------------------------------------------------------
-    def networks(self) -> Mapping[str, nn.Module]:
-        return {"net": self.net}
-
-    def optimizer_groups(self) -> Mapping[str, list[str]]:
-        return {"main": ["net"]}
-
-    def ema_networks(self) -> list[str]:
-        return ["net"]
-
-    def frozen(self) -> Mapping[str, nn.Module]:
-        return {}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None
 
     def sample_sigma(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` training sigmas, log-normal, on ``generator``'s device."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from fastgen.core.denoiser import sigma_batch
 from fastgen.train.edm import drop_labels
+from fastgen.train.method import SingleNetworkMethod
 
 __all__ = ["FlowMatchingMethod", "FlowVelocityDenoiser", "flow_matching_loss"]
 
@@ -56,7 +57,7 @@ class FlowVelocityDenoiser(nn.Module):
         return (xt + _bcast(1 - t, x) * v.to(x.dtype)).to(x.dtype)
 
 
-class FlowMatchingMethod:
+class FlowMatchingMethod(SingleNetworkMethod):
     """Flow-matching training of ``net(x_t, t, class_labels=None, **scalars) -> v``.
 
     Args:
@@ -87,24 +88,6 @@ class FlowMatchingMethod:
         self.label_dropout = float(label_dropout)
         self.num_classes = int(getattr(net, "num_classes", 0) if num_classes is None else num_classes)
         self.last_logs: dict[str, float] = {}
-
-    def networks(self) -> Mapping[str, nn.Module]:
-        return {"net": self.net}
-
-    def optimizer_groups(self) -> Mapping[str, list[str]]:
-        return {"main": ["net"]}
-
-    def ema_networks(self) -> list[str]:
-        return ["net"]
-
-    def frozen(self) -> Mapping[str, nn.Module]:
-        return {}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None
 
     def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` training times in [0, 1] on ``generator``'s device."""

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fastgen.core.denoiser import EDMDenoiser
+from fastgen.train.method import SingleNetworkMethod
 
 __all__ = ["GFTMethod", "from_config", "gft_mixture", "zero_init_beta"]
 
@@ -62,7 +63,7 @@ def zero_init_beta(net: nn.Module, name: str = "beta") -> nn.Module:
     return net
 
 
-class GFTMethod:
+class GFTMethod(SingleNetworkMethod):
     """GFT training of ``net(x_in, c_noise, class_labels=None, beta=None) -> F`` under EDM preconditioning.
 
     Args:
@@ -100,25 +101,6 @@ class GFTMethod:
         self.label_dropout = float(label_dropout)
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self.last_logs: dict[str, float] = {}
-
-    # -- Method protocol ---------------------------------------------------------------------
-    def networks(self) -> Mapping[str, nn.Module]:
-        return {"net": self.net}
-
-    def optimizer_groups(self) -> Mapping[str, list[str]]:
-        return {"main": ["net"]}
-
-    def ema_networks(self) -> list[str]:
-        return ["net"]
-
-    def frozen(self) -> Mapping[str, nn.Module]:
-        return {}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None
 
     # -- pieces ------------------------------------------------------------------------------
     def sample_inputs(

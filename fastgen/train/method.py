@@ -122,3 +122,31 @@ def check_kwargs(fn: Any, kwargs: dict[str, Any], what: str) -> None:
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"unknown {what} option(s) {unknown}; accepted: {accepted}")
+
+
+class SingleNetworkMethod:
+    """The protocol's bookkeeping for methods that train one network ``self.net``.
+
+    One optimizer ``"main"`` over ``"net"``, an EMA of ``"net"``, no frozen modules and no extra
+    state. Subclasses set ``self.net`` and ``self.last_logs`` and implement ``step``.
+    """
+
+    net: nn.Module
+
+    def networks(self) -> Mapping[str, nn.Module]:
+        return {"net": self.net}
+
+    def optimizer_groups(self) -> Mapping[str, list[str]]:
+        return {"main": ["net"]}
+
+    def ema_networks(self) -> list[str]:
+        return ["net"]
+
+    def frozen(self) -> Mapping[str, nn.Module]:
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
