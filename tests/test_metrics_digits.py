@@ -101,7 +101,9 @@ def test_streaming_from_an_endless_sampler(train):
     metric = FrechetDistance("digits:test", features="digits", progress=False)
     for batch in torch.split(train.images, 100):
         metric.update(batch)
-    assert metric.compute() == pytest.approx(digits_fd(train.images), rel=1e-9)
+    # float32 features of a batch of 100 vs one of 898 may differ in the last bit (BLAS blocking, thread
+    # count), which moves FD by ~1e-9 relative; the float64 statistics themselves are exact (test_stats).
+    assert metric.compute() == pytest.approx(digits_fd(train.images), rel=1e-6)
     metric.reset()
     metric.update(train.images[train.labels == 3])
     assert metric.compute() == pytest.approx(digits_fd(train.images[train.labels == 3]), rel=1e-9)
