@@ -10,7 +10,7 @@ import sys
 from fastgen import __version__
 
 #: Subcommand modules, in the order ``fastgen --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("fid", "train", "distill", "sample", "demo", "schedule")
+COMMAND_MODULES: tuple[str, ...] = ("demo", "sample", "schedule", "train", "distill", "fid")
 
 
 def build_parser() -> argparse.ArgumentParser:
