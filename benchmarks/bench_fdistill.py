@@ -129,12 +129,13 @@ def _digits_table(data: dict) -> str:
                 f"{r['minutes']:.0f}",
             ]
         )
-    head = ["model", "NFE", "FD_digits", "FD / teacher FD", "iterations", "minutes (wall, shared CPU)"]
-    return (
-        (data.get("title", "") + "\n\n" if data.get("title") else "")
-        + markdown_table(head, rows)
-        + ("\n\n" + data["note"] if data.get("note") else "")
-    )
+    head = ["model", "NFE", "FD_digits", "FD / teacher FD", "iterations", "minutes (wall)"]
+    parts = [data["title"]] if data.get("title") else []
+    parts.append(f"Teacher: {data['teacher_name']}.")
+    parts.append(markdown_table(head, rows))
+    if data.get("note"):
+        parts.append(data["note"])
+    return "\n\n".join(parts)
 
 
 def digits_section() -> str:
@@ -142,11 +143,10 @@ def digits_section() -> str:
     files = sorted(RESULTS.glob("fdistill_digits*.json"))
     if not files:
         return "_No digits results yet: run `scripts/distill_digits.sh` to write them._"
-    first = json.loads(files[0].read_text())
     intro = (
-        f"Teacher: {first['teacher_name']}. FD_digits against the 899 held-out test digits, 900 samples "
-        "(90 per class), the same noise seed for every row. Students: EMA weights after the given number "
-        "of iterations (student updated every 5th iteration, critics every iteration, batch 64)."
+        "FD_digits against the 899 held-out test digits, 900 samples (90 per class), the same noise seed "
+        "for every row. Students: EMA weights after the given number of iterations (student updated every "
+        "5th iteration, critics every iteration, batch 64), one thread per run."
     )
     return intro + "\n\n" + "\n\n".join(_digits_table(json.loads(f.read_text())) for f in files)
 
