@@ -484,7 +484,7 @@ def test_cli_distill_writes_a_loadable_student_and_rejects_bad_configs(tmp_path,
 
 
 def test_shipped_digits_student_generates_the_requested_classes():
-    """The embedded one-step student: zoo-loadable, class-conditional (measured accuracy 0.998)."""
+    """The embedded one-step student: zoo-loadable, class-conditional (measured accuracy 1.000)."""
     from fastgen.metrics import digits_logits
     from fastgen.models import list_models, load
 
