@@ -218,6 +218,34 @@ class DiffusersFlowDenoiser(nn.Module):
         return x_fm - tb * v
 
 
+class RectifiedFlowDenoiser(nn.Module):
+    """A rectified-flow velocity model as a VE denoiser (fastgen's own flow and shortcut models).
+
+    The model is ``net(x_t, t, **cond) -> v`` in the rectified-flow convention: ``t = 0`` noise,
+    ``t = 1`` data, ``x_t = (1 - t) x0 + t x1``, ``v = x1 - x0`` (the opposite direction to Diffusers'
+    flow time). With ``t = 1 / (1 + sigma)`` and ``x_t = t x``: ``D = E[x1 | x_t] = x_t + (1 - t) v``.
+    Subclasses change how the velocity is obtained by overriding :meth:`velocity`.
+    """
+
+    def __init__(self, net: nn.Module | Callable[..., Any]) -> None:
+        super().__init__()
+        self.net = net
+        self.sigma_min = None
+        self.sigma_max = None
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        """``v(x_t, t)`` with ``t`` of shape (B,)."""
+        return _model_output(self.net(x_t, t, **cond))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        s = sigma_batch(sigma, x)
+        t = 1 / (1 + s)
+        tb = _bcast(t, x)
+        x_t = (tb * x).to(x.dtype)
+        v = self.velocity(x_t, t.to(x.dtype), **cond).to(x.dtype)
+        return (x_t + (1 - tb) * v).to(x.dtype)
+
+
 def from_diffusers(
     model_or_pipeline: Any,
     scheduler_config: Mapping[str, Any] | None = None,

@@ -102,9 +102,9 @@ def _wrap(net: nn.Module, spec: dict[str, Any]) -> nn.Module:
 
         return EDMDenoiser(net, **spec)
     if kind == "flow":
-        from fastgen.train.flow import FlowVelocityDenoiser
+        from fastgen.core.denoiser import RectifiedFlowDenoiser
 
-        return FlowVelocityDenoiser(net)
+        return RectifiedFlowDenoiser(net)
     if kind == "raw":
         return net
     if ":" in kind:

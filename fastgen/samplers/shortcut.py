@@ -33,7 +33,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from fastgen.core.denoiser import sigma_batch
+from fastgen.core.denoiser import RectifiedFlowDenoiser, sigma_batch
+from fastgen.core.schedules import rf_t_to_sigma, sigma_to_rf_t
 
 
 class ShortcutModel(Protocol):
@@ -47,7 +48,7 @@ def shortcut_t_to_sigma(t: torch.Tensor | float) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t
     if ((t < 0) | (t > 1)).any():
         raise ValueError("t must lie in [0, 1] (shortcut convention: 0 = noise, 1 = data)")
-    return (1 - t) / t
+    return rf_t_to_sigma(t)
 
 
 def sigma_to_shortcut_t(sigma: torch.Tensor | float) -> torch.Tensor:
@@ -55,7 +56,7 @@ def sigma_to_shortcut_t(sigma: torch.Tensor | float) -> torch.Tensor:
     sigma = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, torch.Tensor) else sigma
     if (sigma < 0).any():
         raise ValueError("sigma must be >= 0")
-    return 1 / (1 + sigma)
+    return sigma_to_rf_t(sigma)
 
 
 def check_num_steps(num_steps: int, max_steps: int | None = None) -> int:
@@ -121,16 +122,17 @@ def shortcut_sample(
     return x
 
 
-class ShortcutDenoiser(nn.Module):
+class ShortcutDenoiser(RectifiedFlowDenoiser):
     """A shortcut model at a fixed step size ``d`` as a VE denoiser ``D(x, sigma, **cond)``.
 
     ``t = 1 / (1 + sigma)``, ``x_t = t * x``, ``D = x_t + (1 - t) * s(x_t, t, d)`` (the E[x1 | x_t] form
-    of the velocity). With ``d = 1/M`` (the flow-matching rows) this is the model's flow-matching
-    denoiser; fastgen's ``euler`` on sigmas ``shortcut_t_to_sigma(t_grid)`` equals Euler in t.
+    of the velocity; :class:`fastgen.core.denoiser.RectifiedFlowDenoiser`). With ``d = 1/M`` (the
+    flow-matching rows) this is the model's flow-matching denoiser; fastgen's ``euler`` on sigmas
+    ``shortcut_t_to_sigma(t_grid)`` equals Euler in t.
     """
 
     def __init__(self, model: ShortcutModel | Callable[..., torch.Tensor], d: float) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         if not 0 < d <= 1:
             raise ValueError(f"d must be in (0, 1], got {d}")
         self.model = model
@@ -138,13 +140,8 @@ class ShortcutDenoiser(nn.Module):
         self.sigma_min = None
         self.sigma_max = None
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        s = sigma_batch(sigma, x)
-        t = (1 / (1 + s)).to(x.dtype)
-        tb = t.reshape(-1, *([1] * (x.ndim - 1)))
-        x_t = tb * x
-        d = torch.full_like(t, self.d)
-        return x_t + (1 - tb) * self.model(x_t, t, d, **cond)
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.model(x_t, t, torch.full_like(t, self.d), **cond)
 
 
 class _FlowVelocity(nn.Module):

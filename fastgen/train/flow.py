@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastgen.core.denoiser import sigma_batch
+from fastgen.core.denoiser import RectifiedFlowDenoiser
 from fastgen.train.edm import drop_labels
 from fastgen.train.method import SingleNetworkMethod
 
@@ -41,20 +41,8 @@ def flow_matching_loss(
     return ((v.to(dt) - (x1 - x0).to(dt)) ** 2).reshape(x1.shape[0], -1).mean(dim=1).mean()
 
 
-class FlowVelocityDenoiser(nn.Module):
-    """EDM-contract denoiser ``D(x, sigma, **cond)`` around a rectified-flow velocity net
-    ``net(x_t, t, **cond) -> v`` (t = 0 noise, t = 1 data). ``sigma`` in (0, inf)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        s = sigma_batch(sigma, x)
-        t = 1.0 / (1.0 + s)
-        xt = _bcast(t, x) * x
-        v = self.net(xt.to(x.dtype), t.to(x.dtype), **cond)
-        return (xt + _bcast(1 - t, x) * v.to(x.dtype)).to(x.dtype)
+#: The flow model's denoiser: the core's rectified-flow adapter (t = 0 noise, t = 1 data).
+FlowVelocityDenoiser = RectifiedFlowDenoiser
 
 
 class FlowMatchingMethod(SingleNetworkMethod):
