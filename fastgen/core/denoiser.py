@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fastgen.core.schedules import sigma_to_timestep
+
 
 class Denoiser(Protocol):
     """``D(x, sigma, **cond) -> x0_hat``; see the module docstring for shapes and units."""
@@ -160,20 +162,13 @@ class DiffusersVPDenoiser(nn.Module):
         self.prediction_type = prediction_type
         table = vp_sigmas_from_config(cfg)
         self.register_buffer("table_sigmas", table, persistent=False)
-        self.register_buffer("table_log_sigmas", table.log(), persistent=False)
         self.sigma_min = float(table[0])
         self.sigma_max = float(table[-1])
         self.config = cfg
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional training timestep for VE sigma(s), clamped to the table's range."""
-        log_sigmas = self.table_log_sigmas.to(sigma.device)
-        ls = sigma.double().clamp(min=1e-10).log()
-        idx = torch.searchsorted(log_sigmas, ls.reshape(-1).contiguous()).reshape(ls.shape)
-        low = (idx - 1).clamp(0, log_sigmas.shape[0] - 2)
-        lo, hi = log_sigmas[low], log_sigmas[low + 1]
-        w = ((ls - lo) / (hi - lo)).clamp(0, 1)
-        return low.double() + w
+        return sigma_to_timestep(sigma, self.table_sigmas.to(sigma.device))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         s = sigma_batch(sigma, x)

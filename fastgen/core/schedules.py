@@ -254,6 +254,21 @@ def sigma_to_rf_t(sigma: torch.Tensor) -> torch.Tensor:
     return 1 / (1 + torch.as_tensor(sigma))
 
 
+def sigma_to_timestep(sigmas: Any, table: torch.Tensor) -> torch.Tensor:
+    """Fractional training timestep(s) of VE ``sigmas`` over an ascending sigma ``table`` (float64).
+
+    Diffusers' ``_sigma_to_t`` rule: t is linear in log-sigma between neighbouring table entries,
+    clamped to the table's range. The one implementation used by the VP adapter, the schedulers and
+    :meth:`fastgen.samplers.schedule.Schedule.to_diffusers_timesteps`.
+    """
+    log_t = table.double().log()
+    ls = torch.as_tensor(sigmas, dtype=torch.float64).to(log_t.device).clamp(min=1e-10).log()
+    idx = torch.searchsorted(log_t, ls.reshape(-1).contiguous()).reshape(ls.shape)
+    low = (idx - 1).clamp(0, log_t.shape[0] - 2)
+    w = ((ls - log_t[low]) / (log_t[low + 1] - log_t[low])).clamp(0, 1)
+    return low.double() + w
+
+
 def is_flow_config(config: Any) -> bool:
     """True for a Diffusers flow-matching config (class name has FlowMatch, or ``shift`` and no betas)."""
     config = dict(config)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fastgen import __version__
-from fastgen.core.schedules import resample, validate_sigmas
+from fastgen.core.schedules import resample, sigma_to_timestep, validate_sigmas
 from fastgen.core.solvers import SOLVERS, get_solver
 from fastgen.core.solvers import nfe as solver_nfe
 
@@ -292,17 +292,6 @@ class Schedule:
         for k, v in self.meta.items():
             lines.append(f"{k}: {v}")
         return "\n".join(lines)
-
-
-def sigma_to_timestep(sigmas: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Fractional training timestep(s) of VE ``sigmas`` over an ascending sigma ``table`` (Diffusers'
-    ``_sigma_to_t``: t linear in log-sigma between neighbouring table entries, clamped to the table)."""
-    log_t = table.double().log()
-    ls = torch.as_tensor(sigmas, dtype=torch.float64).clamp(min=1e-10).log()
-    idx = torch.searchsorted(log_t, ls.contiguous())
-    low = (idx - 1).clamp(0, log_t.shape[0] - 2)
-    w = ((ls - log_t[low]) / (log_t[low + 1] - log_t[low])).clamp(0, 1)
-    return low.double() + w
 
 
 class OffsetDenoiser(torch.nn.Module):
