@@ -4,14 +4,26 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-latest lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# `make test` installs the exact versions in constraints.txt (reproducible CI); `make test-latest` installs the
+# newest versions that pyproject's ranges allow into a separate venv.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# A CPU wheel satisfies the torch range; install it first so pip never pulls a CUDA build here.
-	$(PIP) install --quiet "torch>=2.4,<2.14"
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet "torch>=2.4,<2.14" -c constraints.txt
+	$(PIP) install --quiet -e ".[dev]" -c constraints.txt
 	touch $@
+
+LATEST := .venv-latest
+$(LATEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet "torch>=2.4,<2.14"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade -e ".[dev]"
+	touch $@
+
+test-latest: $(LATEST)/.installed
+	$(LATEST)/bin/python -m pytest -q
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/fastgen demo
@@ -26,4 +38,4 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache

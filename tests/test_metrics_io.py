@@ -76,7 +76,9 @@ def test_cli_fid_stats_is_roundtrip(tmp_path, capsys):
     args = ["fid", "digits:train", str(ref), "--features", "digits", "--json", "--no-progress"]
     assert main(args + ["--save-stats", str(tmp_path / "s.npz")]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["fid"] == pytest.approx(digits_fd(load_digits_split("train").images), rel=1e-9)
+    # The CLI and digits_fd push float32 features through the classifier in different batch sizes, so the
+    # features differ in the last bit (~1e-7 relative); the FD built from them agrees to ~1e-6, not 1e-9.
+    assert out["fid"] == pytest.approx(digits_fd(load_digits_split("train").images), rel=1e-6)
     assert out["n_samples"] == 898
     assert main(["fid", str(tmp_path / "s.npz"), str(ref), "--json"]) == 0  # statistics on both sides
     assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(out["fid"], rel=1e-9)
