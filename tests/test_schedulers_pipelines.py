@@ -480,30 +480,33 @@ def test_return_forms_dtype_and_guards():
 def test_begin_index_img2img_rules():
     sched = RestartScheduler.from_config(vp_scheduler_config(), restart_segments=[[3, 1, 0.5, 2.0]])
     sched.set_timesteps(6)
-    valid = sched.valid_begin_indices()
-    assert valid == [0, 2, 4, 10, 12, 14]  # main steps only: the segment's calls 6-9 follow main step 3
-    with pytest.raises(ValueError, match="inside a Heun step or a restart segment"):
+    assert sched.order == 2
+    # main step k begins at call 2k until the segment (calls 6-9, after main step 2 lands on t_min);
+    # later main steps (calls 10, 12, 14) are not valid img2img starts: timesteps[2k:] would not be step k
+    assert sched.valid_begin_indices() == [0, 2, 4]
+    with pytest.raises(ValueError, match="inside a Heun step, a restart segment or after one"):
         sched.set_begin_index(1)
-    with pytest.raises(ValueError, match="inside"):
+    with pytest.raises(ValueError, match="valid begin indices"):
         sched.set_begin_index(7)
-    # img2img slicing: t_start = N - int(N * strength), N = len(timesteps) = 15: an error or a valid start
-    n = len(sched.timesteps)
+    # img2img slicing: t_start = N - int(N * strength) main steps, begin index t_start * order
     outcomes = {}
-    for strength in (0.2, 0.4, 0.5, 0.8):
-        t_start = n - int(n * strength)
+    for strength in (0.2, 0.5, 0.8):
+        t_start = 6 - int(6 * strength)
         try:
-            sched.set_begin_index(t_start)
+            sched.set_begin_index(t_start * sched.order)
             outcomes[t_start] = "ok"
         except ValueError as err:
             assert "valid begin indices" in str(err)
             outcomes[t_start] = "refused"
-    assert outcomes == {12: "ok", 9: "refused", 8: "refused", 3: "refused"}
-    sched.set_begin_index(10)
+    assert outcomes == {5: "refused", 3: "refused", 2: "ok"}
+    sched.set_begin_index(4)
     x0 = torch.zeros(1, 2, 4, 4)
     noise = torch.ones_like(x0)
-    noised = sched.add_noise(x0, noise, sched.timesteps[10:11])
-    sigma = sched._calls.sigmas[10]
+    noised = sched.add_noise(x0, noise, sched.timesteps[4:5])
+    sigma = sched._calls.sigmas[4]
     assert torch.allclose(noised, torch.full_like(x0, sigma), rtol=1e-6)  # VE state x0 + sigma * noise
+    x0 = torch.zeros(1, 2, 4, 4)
+    noise = torch.ones_like(x0)
     vp = RestartScheduler.from_config(DDPMScheduler().config, restart_segments=[[3, 1, 0.5, 2.0]])
     vp.set_timesteps(6)
     b = vp.valid_begin_indices()[-2]

@@ -138,6 +138,32 @@ def vp_sigmas_from_config(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
     return ((1 - abar) / abar).sqrt()
 
 
+def vp_output_to_x0(
+    out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float, prediction_type: str
+) -> torch.Tensor:
+    """x0 from a VP model output at VE state ``x`` and VE ``sigma`` (a float or a tensor broadcast to x).
+
+    ``epsilon``: ``x - sigma out``; ``v_prediction`` (``v = a eps - b x0`` with ``a = 1/sqrt(1+s^2)``,
+    ``b = s a``): ``a (a x) - s a out``; ``sample``: ``out``. A learned-variance output (twice the
+    channels of ``x``) keeps its mean half. The one home of this conversion (adapter and schedulers).
+    """
+    if out.ndim > 1 and out.shape[1] == 2 * x.shape[1]:
+        out = out[:, : x.shape[1]]
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    if prediction_type == "v_prediction":
+        scale = (1 + sigma * sigma) ** -0.5
+        return scale * (x * scale) - (sigma * scale) * out
+    if prediction_type == "sample":
+        return out
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def flow_output_to_x0(velocity: torch.Tensor, x_fm: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """x0 from a flow model's velocity ``eps - x0`` at flow state ``x_fm = (1 - t) x0 + t eps``: ``x_fm - t v``."""
+    return x_fm - t * velocity
+
+
 class DiffusersVPDenoiser(nn.Module):
     """A Diffusers discrete VP model (DDPM/SD UNets) seen as a VE denoiser.
 
@@ -177,15 +203,7 @@ class DiffusersVPDenoiser(nn.Module):
         x_in = (x * scale).to(x.dtype)
         t = self.sigma_to_t(s).to(torch.float32)
         out = _model_output(self.model(x_in, timestep=t, **cond))
-        if out.shape[1] == 2 * x.shape[1]:  # learned-variance models: keep the mean prediction
-            out = out[:, : x.shape[1]]
-        out = out.to(x.dtype)
-        if self.prediction_type == "epsilon":
-            return x - sb * out
-        if self.prediction_type == "v_prediction":
-            # x_vp = a x0 + b eps with a = 1/sqrt(1+s^2), b = s/sqrt(1+s^2); v = a eps - b x0
-            return scale * x_in - sb * scale * out
-        return out
+        return vp_output_to_x0(out.to(x.dtype), x, sb, self.prediction_type)
 
 
 class DiffusersFlowDenoiser(nn.Module):
@@ -210,7 +228,7 @@ class DiffusersFlowDenoiser(nn.Module):
         x_fm = (x / (1 + _bcast(s, x))).to(x.dtype)
         timestep = (t * self.timestep_scale).to(x.dtype)
         v = _model_output(self.model(x_fm, timestep=timestep, **cond)).to(x.dtype)
-        return x_fm - tb * v
+        return flow_output_to_x0(v, x_fm, tb)
 
 
 class RectifiedFlowDenoiser(nn.Module):

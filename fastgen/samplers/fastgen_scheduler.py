@@ -11,7 +11,8 @@ timestep, its step to 0 is Euler). ``schedule``:
   shifted FlowMatch default grid (flow) spans for ``num_inference_steps``; with ``solver="euler",
   schedule="karras"`` and ``state_space="ve"`` (the default for non-DDPM VP configs) this reproduces
   ``EulerDiscreteScheduler(use_karras_sigmas=True)``;
-- ``"default"``: exactly Diffusers' Euler / FlowMatch default grid;
+- ``"default"``: exactly Diffusers' Euler (VP) / ``FlowMatchEulerDiscreteScheduler`` (flow, with its
+  static or dynamic shift) default grid;
 - a list of VE sigmas (strictly decreasing), used verbatim when ``num_inference_steps`` is its step
   count, otherwise resampled log-linearly (:func:`fastgen.core.schedules.resample`, endpoints kept).
   A list ending at a positive sigma (the AYS "knots" form) ends as ``terminal`` says: ``"replace"``
@@ -21,6 +22,9 @@ timestep, its step to 0 is Euler). ``schedule``:
   list (VE) and optional ``"solver"``; it is read once and stored in the config as a list, so
   ``save_pretrained`` is self-contained. A JSON solver that disagrees with an explicit ``solver``
   is a ``ValueError`` (a schedule learned for a solver is used with exactly that solver).
+
+``order`` is 2 for ``solver="heun"`` (as ``HeunDiscreteScheduler``), else 1.
+``final_sigmas_type="sigma_min"`` (VP): the last step lands on sigma_min instead of 0.
 
 Pipeline-given ``sigmas=``/``timesteps=`` (e.g. Flux always passes ``sigmas``) replace the schedule;
 set ``use_flow_sigmas=True`` to make Flux pass none and use this scheduler's own schedule.
@@ -36,7 +40,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fastgen.core.schedules import karras, loglinear, resample, validate_sigmas
+from fastgen.core.schedules import loglinear, resample, validate_sigmas
 from fastgen.core.solvers import SOLVERS
 from fastgen.samplers._scheduler_base import PlanSchedulerMixin
 
@@ -133,7 +137,7 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
         self.register_to_config(solver=solver)
-        self._setup()
+        self._setup(uses_heun=solver == "heun")
 
     def _make_plan(self, grid: torch.Tensor | int, custom: bool) -> tuple[torch.Tensor, None, None, str]:
         cfg = self.config
@@ -146,10 +150,12 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
                 grid = with_terminal(sig if n == native else resample(sig, n - extra), cfg.terminal)
             elif cfg.schedule == "default":
                 grid = self._default_grid(n)
+            elif cfg.schedule == "karras":
+                grid = self._karras_grid(n)
             else:
                 lo, hi = self._train_sigma_range(n)
-                make = karras if cfg.schedule == "karras" else loglinear
-                grid = make(n, lo, hi, rho=cfg.rho) if make is karras else make(n, lo, hi)
-                if cfg.final_sigmas_type == "sigma_min":
-                    grid[-1] = self._final_sigma()
+                if self._final_sigma() > 0:  # n steps ending at sigma_min
+                    grid = loglinear(n + 1, lo, hi)[:-1]
+                else:
+                    grid = loglinear(n, lo, hi)
         return validate_sigmas(grid, "sigmas").double(), None, None, cfg.solver

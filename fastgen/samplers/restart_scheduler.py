@@ -16,7 +16,13 @@ Configuration (besides the standard Diffusers keys, see :mod:`fastgen.samplers._
   solver steps, main grid Karras over ``steps - restart_steps * k`` points, one segment on [0.1, 2]),
   ``"none"`` (plain Heun), or a name from :data:`fastgen.samplers.restart.PRESETS` (its segments on a
   Karras grid of ``num_inference_steps`` points over the model's range).
+- ``main_schedule``: ``"karras"`` (default) or ``"default"`` (Diffusers' Euler / FlowMatchEuler grid,
+  the grid of ``HeunDiscreteScheduler`` / ``FlowMatchHeunDiscreteScheduler``).
 - ``s_noise``, ``restart_churn`` (in-segment EDM churn gamma) on ``[churn_tmin, churn_tmax]``, ``rho``.
+
+``order = 2`` (as ``HeunDiscreteScheduler``): with no segment before it, main step k begins at call
+``2 k``, so img2img ``strength`` starts where Heun on the same main grid starts. The A1111 rule makes
+``2 N - 1`` calls for ``N`` steps, Heun's count.
 
 With ``num_inference_steps`` the main grid is Karras (``rho``) over the range Diffusers' Euler
 (VP) or the shifted Flux/FlowMatch default grid (flow) spans; with ``sigmas=``/``timesteps=`` the
@@ -31,9 +37,10 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fastgen.core.schedules import karras
 from fastgen.samplers._scheduler_base import PlanSchedulerMixin
 from fastgen.samplers.restart import as_segments, auto_segments, build_plan, get_preset
+
+MAIN_SCHEDULES = ("karras", "default")
 
 
 class RestartScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
@@ -70,6 +77,7 @@ class RestartScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
         churn_tmin: float = 0.01,
         churn_tmax: float = 1.0,
         rho: float = 7.0,
+        main_schedule: str = "karras",
     ) -> None:
         if restart_segments is not None:
             as_segments([(int(s[0]), int(s[1]), s[2], s[3]) for s in restart_segments])
@@ -77,7 +85,9 @@ class RestartScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
             get_preset(restart_preset)
         if s_noise < 0:
             raise ValueError(f"s_noise must be >= 0, got {s_noise}")
-        self._setup()
+        if main_schedule not in MAIN_SCHEDULES:
+            raise ValueError(f"main_schedule must be one of {MAIN_SCHEDULES}, got {main_schedule!r}")
+        self._setup(uses_heun=True)
 
     def _segments(self, steps: int) -> tuple[int, tuple[Any, ...]]:
         cfg = self.config
@@ -102,9 +112,7 @@ class RestartScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
         else:
             n_main, segs = self._segments(grid)
             lo, hi = self._train_sigma_range(grid)
-            main = karras(n_main, lo, hi, rho=cfg.rho)
-            if cfg.final_sigmas_type == "sigma_min":
-                main[-1] = self._final_sigma()
+            main = self._karras_grid(n_main) if cfg.main_schedule == "karras" else self._default_grid(n_main)
             if cfg.restart_segments is None and cfg.restart_preset == "auto":
                 segs = tuple(s for s in segs if lo <= s.t_min and s.t_max <= hi)
         plan = build_plan(main, segs, s_noise=cfg.s_noise, churn=cfg.restart_churn, churn_tmin=cfg.churn_tmin,
