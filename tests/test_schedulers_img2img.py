@@ -4,7 +4,8 @@ Tiny random-weight SD img2img and SD3 img2img pipelines, offline. For Heun, Rest
 at strength 0.2 / 0.5 / 0.8: the first call's sigma equals ``HeunDiscreteScheduler`` /
 ``FlowMatchHeunDiscreteScheduler`` at the same strength, the number of network calls equals theirs
 (Restart: plus its segment calls below the start sigma; DPM-Solver++: one call per step), and the output
-equals the functional solver started from the pipeline's initial state at that sigma.
+equals the functional solver started from the pipeline's initial state at that sigma. Seeded Restart
+runs in Flux and SD3 pipelines (which pass no generator to ``step``) are reproducible.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _tiny_models import (  # noqa: E402
     tiny_cond_unet,
+    tiny_flux_cond,
+    tiny_flux_transformer,
     tiny_sd3_cond,
     tiny_sd3_transformer,
     tiny_text_states,
@@ -101,7 +104,7 @@ class Probe:
 
 def _image() -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
-    return torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    return torch.rand(1, 3, 16, 16, generator=g)  # pixels in [0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +236,53 @@ def test_sd3_img2img_strength_matches_flowmatch_heun(sd3):
             x, nfe = _reference(den, sched, probe, cond)
             assert nfe == probe.calls
             assert rel_err(_final_state(out, sched), x) <= TOL, (name, strength)
+
+
+# ------------------------------------------------------------------ seeded reproducibility (Flux, SD3)
+
+
+def _flux_run(tr, sched, seed):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(scheduler=sched, vae=tiny_vae(2), text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    c = tiny_flux_cond(1)
+    return pipe(prompt_embeds=c["encoder_hidden_states"], pooled_prompt_embeds=c["pooled_projections"],
+                num_inference_steps=6, height=16, width=16, generator=torch.Generator().manual_seed(seed),
+                output_type="latent").images
+
+
+def _sd3_run(tr, sched, seed):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=tiny_vae(4), text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    c = tiny_sd3_cond(1)
+    return pipe(prompt_embeds=c["encoder_hidden_states"], pooled_prompt_embeds=c["pooled_projections"],
+                guidance_scale=1.0, num_inference_steps=5, height=16, width=16,
+                generator=torch.Generator().manual_seed(seed), output_type="latent").images
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_seeded_restart_is_reproducible(family):
+    """Flux/SD3 pass no generator to step(): jump noise is seeded from the (seeded) initial latents."""
+    if family == "flux":
+        tr, run = tiny_flux_transformer(), _flux_run
+        config = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).config
+        seg = [[3, 2, 0.5, 2.0]]
+    else:
+        tr, run = tiny_sd3_transformer(), _sd3_run
+        config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+        seg = [[3, 2, 1.0, 4.0]]
+    outs = []
+    for global_seed in (1, 2):  # the global RNG must not matter
+        torch.manual_seed(global_seed)
+        sched = RestartScheduler.from_config(config, restart_segments=seg)
+        outs.append(run(tr, sched, seed=0))
+    assert torch.equal(outs[0], outs[1])
+    no_jump = run(tr, RestartScheduler.from_config(config, restart_segments=seg, s_noise=0.0), seed=0)
+    assert not torch.equal(outs[0], no_jump)  # the jumps did add noise
+    assert not torch.equal(outs[0], run(tr, RestartScheduler.from_config(config, restart_segments=seg), seed=1))

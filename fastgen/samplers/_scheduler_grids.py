@@ -65,7 +65,9 @@ class GridMixin:
         """Karras (``rho``) over the default grid's range; ends at sigma_min if ``final_sigmas_type`` says so."""
         lo, hi = self._train_sigma_range(n)
         if self.config.final_sigmas_type == "sigma_min" and self._vp is not None:
-            return karras(n + 1, lo, hi, rho=self.config.rho)[:-1]
+            grid = karras(n + 1, lo, hi, rho=self.config.rho)[:-1]
+            grid[-1] = self._final_sigma()
+            return grid
         return karras(n, lo, hi, rho=self.config.rho)
 
     def _flow_sigmas(self, t: Any, mu: float | None, shift: bool | None = None) -> torch.Tensor:

@@ -156,6 +156,7 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
                 lo, hi = self._train_sigma_range(n)
                 if self._final_sigma() > 0:  # n steps ending at sigma_min
                     grid = loglinear(n + 1, lo, hi)[:-1]
+                    grid[-1] = self._final_sigma()
                 else:
                     grid = loglinear(n, lo, hi)
         return validate_sigmas(grid, "sigmas").double(), None, None, cfg.solver
