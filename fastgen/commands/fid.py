@@ -1,7 +1,9 @@
 """``fastgen fid``, ``fastgen fid-stats`` and ``fastgen is``: evaluation from the command line.
 
 Each image side is a folder of PNG/JPEG images, an ``.npz`` of images (``arr_0``/``images``/...,
-NHWC or NCHW, uint8 or float in [-1, 1]) or ``digits:train|test|all``; a FID reference may also be
+NHWC or NCHW, uint8, uint16 or float; read lazily, batch by batch; the range of floats is
+``--value-range`` or detected only when unambiguous, see :mod:`fastgen.data.images`) or
+``digits:train|test|all``; a FID reference may also be
 a statistics ``.npz`` (``mu``/``sigma``, as written by ``fid-stats``, pytorch-fid or EDM).
 """
 
@@ -13,13 +15,25 @@ import sys
 
 import torch
 
+from fastgen.data.images import VALUE_RANGES
+from fastgen.io.devices import resolve_device
+from fastgen.io.paths import check_output_path
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--features",
-        default="inception",
+        default=None,
         choices=("inception", "digits"),
-        help="feature network: InceptionV3 (FID) or the shipped digits classifier (FD_digits)",
+        help="feature network: InceptionV3 (FID) or the shipped digits classifier (FD_digits); default: the "
+        "extractor recorded in a statistics REF, else inception",
+    )
+    p.add_argument(
+        "--value-range",
+        default="auto",
+        choices=VALUE_RANGES,
+        help="pixel range of float images: 0,1 (Diffusers pt/np output), -1,1 (fastgen), 0,255; default auto: "
+        "integers by dtype, floats only when unambiguous (a minimum below -0.5 means -1,1)",
     )
     p.add_argument(
         "--inception-weights",
@@ -47,9 +61,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _kw(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_samples is not None and args.max_samples < 2:
+        raise ValueError(f"--max-samples must be >= 2, got {args.max_samples}")
     return dict(
         batch_size=args.batch_size,
-        device=args.device,
+        device=resolve_device(args.device),
+        value_range=args.value_range,
+        report=lambda line: print(f"fastgen {args.command}: {line}", file=sys.stderr),
         inception_weights=args.inception_weights,
         resize=args.resize,
         max_samples=args.max_samples,
@@ -66,9 +84,14 @@ def _print(args: argparse.Namespace, result: dict, text: str) -> None:
 
 
 def _run_fid(args: argparse.Namespace) -> int:
-    from fastgen.metrics.compute import evaluate
+    from fastgen.metrics.compute import evaluate, resolve_features
     from fastgen.metrics.io import is_stats_file, load_stats
 
+    args.features = resolve_features(args.features, args.ref, args.samples)
+    if args.kid_subset_size < 2:
+        raise ValueError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
+    if args.save_stats is not None:
+        check_output_path(args.save_stats, "--save-stats")
     metrics = ["fid"] + [m for m, on in (("kid", args.kid), ("pr", args.pr)) if on]
     kw = _kw(args)
     res = evaluate(
@@ -101,6 +124,8 @@ def _run_stats(args: argparse.Namespace) -> int:
     from fastgen.metrics.compute import compute_reference_stats
     from fastgen.metrics.io import save_stats
 
+    args.features = args.features or "inception"
+    check_output_path(args.output, "--output")
     st = compute_reference_stats(args.source, args.features, **_kw(args))
     path = save_stats(args.output, st.mu, st.sigma, source=args.source, **st.meta)
     res = {"output": str(path), "count": st.count, "num_features": int(st.mu.shape[0]), **st.meta}
@@ -113,6 +138,7 @@ def _run_is(args: argparse.Namespace) -> int:
 
     if args.splits < 1:
         raise ValueError(f"--splits must be >= 1, got {args.splits}")
+    args.features = args.features or "inception"
     res = evaluate(args.samples, None, args.features, ("is",), is_splits=args.splits, **_kw(args))
     res = {"features": args.features, "splits": args.splits, **res}
     res["n_samples"] = int(res["n_samples"])

@@ -13,6 +13,7 @@ IS, KID and precision/recall need the features themselves and keep them (``(N, d
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastgen.data.images import check_value_range, normalize_images, to_nchw
 from fastgen.metrics import io as _io
 from fastgen.metrics.features import FeatureExtractor, get_extractor
 from fastgen.metrics.stats import FeatureStatistics, frechet_distance
@@ -37,33 +39,62 @@ def _check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-def iter_source(source: Source, batch_size: int = 64) -> tuple[Iterator[torch.Tensor], int | None]:
-    """Turn a source into ``(iterator over image batches, total count or None)``."""
+def _normalized(batches: Iterable[Any], value_range: str, name: str, notes: list[str] | None
+                ) -> Iterator[torch.Tensor]:
+    """Pass each batch through :func:`normalize_images`; under ``"auto"`` the first batch fixes the range."""
+    rng = value_range
+    for batch in batches:
+        if not isinstance(batch, (torch.Tensor, np.ndarray)):
+            raise ValueError(f"{name}: batches must be tensors (B, C, H, W), got {type(batch).__name__}")
+        if batch.ndim != 4:
+            raise ValueError(f"{name}: a batch must be (B, C, H, W), got shape {tuple(batch.shape)}")
+        out, used, note = normalize_images(batch, rng, name)
+        if notes is not None and note not in notes and (rng == value_range):
+            notes.append(note)
+        if rng == "auto" and used in ("-1,1", "0,1", "0,255"):  # lock a float range for the later batches
+            rng = used
+        yield out
+
+
+def iter_source(
+    source: Source, batch_size: int = 64, value_range: str = "auto", notes: list[str] | None = None
+) -> tuple[Iterator[torch.Tensor], int | None]:
+    """Turn a source into ``(iterator over image batches, total count or None)``.
+
+    Every batch is read by :mod:`fastgen.data.images` (bit depth, ``value_range`` and channels handled
+    explicitly); what was done is appended to ``notes`` (one line per distinct conversion).
+    """
     _check_batch_size(batch_size)
+    check_value_range(value_range)
+    name = str(source) if isinstance(source, (str, Path)) else "images"
     if isinstance(source, torch.Tensor):
         if source.dim() != 4:
             raise ValueError(f"images must be a (N, C, H, W) tensor, got shape {tuple(source.shape)}")
         n = source.shape[0]
-        return (source[i : i + batch_size] for i in range(0, n, batch_size)), n
+        raw = (source[i : i + batch_size] for i in range(0, n, batch_size))
+        return _normalized(raw, value_range, name, notes), n
     if isinstance(source, str) and source.startswith("digits:"):
         from fastgen.data import load_digits_split
 
         split = source.split(":", 1)[1]
-        return iter_source(load_digits_split(split).images, batch_size)
+        return iter_source(load_digits_split(split).images, batch_size, value_range, notes)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
             files = _io.list_image_files(path)
-            return _io.iter_folder_batches(path, batch_size), len(files)
+            return _normalized(_io.iter_folder_batches(path, batch_size, notes), value_range, name, notes), len(files)
         if path.suffix == ".npz":
             if _io.is_stats_file(path):
                 raise ValueError(f"{path} holds statistics (mu/sigma), not images; it can only be a FID reference")
-            return iter_source(_io.load_npz_images(path), batch_size)
+            shape, _, _ = _io.npz_image_header(path)
+            raw = (torch.from_numpy(np.ascontiguousarray(to_nchw(b, name)[0])) for b in
+                   _io.iter_npz_batches(path, batch_size))
+            return _normalized(raw, value_range, name, notes), int(shape[0]) if shape else 0
         if not path.exists():
             raise FileNotFoundError(f"no such folder or .npz file: {path}")
         raise ValueError(f"{path}: expected a folder of images, an .npz file or 'digits:<split>'")
     if isinstance(source, Iterable):
-        return iter(source), None
+        return _normalized(source, value_range, name, notes), None
     raise ValueError(
         f"images must be a tensor, an iterable of tensors, a folder or an .npz; got {type(source).__name__}"
     )
@@ -98,6 +129,8 @@ def extract_features(
     max_samples: int | None = None,
     progress: bool = True,
     desc: str = "features",
+    value_range: str = "auto",
+    report: Any = None,
 ) -> FeatureSet:
     """Stream a source through a feature network, accumulating float64 statistics.
 
@@ -110,6 +143,10 @@ def extract_features(
         keep_features / keep_logits: also return all features ``(N, d)`` / logits ``(N, K)`` (float32).
         max_samples: stop after this many images.
         progress: show a tqdm bar.
+        value_range: ``"auto"`` (unambiguous cases only), ``"uint8"``, ``"uint16"``, ``"0,1"``, ``"-1,1"`` or
+            ``"0,255"``; see :mod:`fastgen.data.images`.
+        report: optional ``callable(str)`` told what the image reader did (ranges, bit depths, channels)
+            and warned about small sample counts.
 
     Raises:
         ValueError: fewer than 2 images, inconsistent feature sizes, bad image values.
@@ -117,7 +154,8 @@ def extract_features(
     from tqdm.auto import tqdm
 
     ex = get_extractor(features, inception_weights=inception_weights, resize=resize, device=device, dtype=dtype)
-    batches, total = iter_source(source, batch_size)
+    notes: list[str] = []
+    batches, total = iter_source(source, batch_size, value_range, notes)
     if max_samples is not None:
         if not isinstance(max_samples, int) or max_samples < 2:
             raise ValueError(f"max_samples must be an int >= 2 (or None), got {max_samples!r}")
@@ -144,12 +182,30 @@ def extract_features(
                 break  # do not draw another batch from a (possibly endless) sampler
     if stats.count < 2:
         raise ValueError(f"at least 2 images are needed, got {stats.count}")
+    if report is not None:
+        for note in notes:
+            report(f"{desc}: {note}")
+    _warn_small(stats.count, ex.num_features or stats.num_features or 0, desc, report)
     return FeatureSet(
         stats,
         torch.cat(kept_f) if keep_features else None,
         torch.cat(kept_l) if keep_logits else None,
         ex.metadata(),
     )
+
+
+def _warn_small(n: int, d: int, desc: str, report: Any = None) -> None:
+    """Warn when ``n`` samples cannot give a full-rank ``d x d`` covariance (FD is then strongly biased)."""
+    if n <= d:
+        msg = (f"{desc}: only {n} images for {d}-dimensional features; the covariance has rank < {d} and the "
+               f"Frechet distance is strongly biased (use well over {d}; 10k-50k is conventional for FID)")
+        warnings.warn(msg, SmallSampleWarning, stacklevel=3)
+        if report is not None:
+            report("warning: " + msg)
+
+
+class SmallSampleWarning(UserWarning):
+    """Statistics from fewer samples than feature dimensions (a rank-deficient covariance)."""
 
 
 def compute_reference_stats(source: Source, features: Features = "inception", **kw: Any) -> _io.ReferenceStats:
@@ -197,16 +253,41 @@ def fid_from_stats(a: _io.ReferenceStats, b: _io.ReferenceStats) -> float:
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
-def fid(samples: Reference, reference: Reference, features: Features = "inception", **kw: Any) -> float:
+def _stats_extractor(x: object) -> str | None:
+    """The ``extractor`` recorded in statistics (a :class:`ReferenceStats` or a stats ``.npz``), if any."""
+    if not _is_stats(x):
+        return None
+    st = x if isinstance(x, _io.ReferenceStats) else _io.load_stats(x)
+    return st.meta.get("extractor") or None
+
+
+def resolve_features(features: Features | None, *sources: object) -> Features:
+    """``features`` if given; else the extractor recorded in the first statistics among ``sources``
+    (``"inception"`` or ``"digits"``); else ``"inception"``."""
+    if features is not None:
+        return features
+    for src in sources:
+        name = _stats_extractor(src)
+        if name is not None:
+            for known in ("digits", "inception"):  # "fastgen-digits-classifier", "inception-v3-tf-2015-12-05"
+                if known in name:
+                    return known
+            raise ValueError(f"statistics {src!s} were computed with extractor {name!r}; pass features= explicitly")
+    return "inception"
+
+
+def fid(samples: Reference, reference: Reference, features: Features | None = None, **kw: Any) -> float:
     """FID (Inception features) or, with ``features="digits"`` / a module, the FD in that space.
 
     Args:
         samples: images or statistics (see module docstring).
         reference: images, a statistics ``.npz`` or :class:`ReferenceStats`.
-        features: ``"inception"`` (default), ``"digits"``, an ``nn.Module`` or an extractor.
-        **kw: ``batch_size``, ``device``, ``inception_weights``, ``resize``, ``progress``, ``max_samples``.
+        features: ``"inception"``, ``"digits"``, an ``nn.Module`` or an extractor; None (default): the
+            ``extractor`` recorded in a statistics reference (e.g. ``digits-test.npz`` -> digits), else Inception.
+        **kw: ``batch_size``, ``device``, ``inception_weights``, ``resize``, ``progress``, ``max_samples``,
+            ``value_range``, ``report``.
     """
-    ex = _pop_extractor(features, kw)
+    ex = _pop_extractor(resolve_features(features, reference, samples), kw)
     ref = _reference_stats(reference, ex, kw)
     fake = _reference_stats(samples, ex, kw)
     return fid_from_stats(fake, ref)
@@ -294,7 +375,7 @@ def kid(
     if subset_size < 2 or min(n_r, n_f) < subset_size:
         raise ValueError(
             f"kid needs subset_size >= 2 and both sets at least subset_size={subset_size} samples; "
-            f"got {n_r} real and {n_f} generated (lower subset_size, conventionally 1000)"
+            f"got {n_r} real and {n_f} generated (lower subset_size, conventionally 1000; CLI: --kid-subset-size)"
         )
     gen = torch.Generator().manual_seed(seed)
     fr, ff = real_features.double().cpu(), fake_features.double().cpu()
@@ -349,7 +430,7 @@ def precision_recall(
 def evaluate(
     samples: Source,
     reference: Reference | None = None,
-    features: Features = "inception",
+    features: Features | None = None,
     metrics: Iterable[str] = ("fid",),
     *,
     is_splits: int = 10,
@@ -379,7 +460,9 @@ def evaluate(
     need_ref_feats = "kid" in metrics or "pr" in metrics
     if reference is None and (need_ref_feats or "fid" in metrics):
         raise ValueError("reference is required for fid, kid and pr")
-    ex = _pop_extractor(features, kw)
+    if "kid" in metrics and (not isinstance(kid_subset_size, int) or kid_subset_size < 2):
+        raise ValueError(f"kid_subset_size (--kid-subset-size) must be an int >= 2, got {kid_subset_size!r}")
+    ex = _pop_extractor(resolve_features(features, reference, samples), kw)
     if _is_stats(samples):
         if metrics != ("fid",):
             raise ValueError("samples given as a statistics file allow only the fid metric")
@@ -407,6 +490,12 @@ def evaluate(
         out["is_mean"], out["is_std"] = inception_score(fake.logits, is_splits)
     if "kid" in metrics:
         assert ref_set is not None and ref_set.features is not None and fake.features is not None
+        n_min = min(ref_set.features.shape[0], fake.features.shape[0])
+        if n_min < kid_subset_size:
+            raise ValueError(
+                f"kid_subset_size (--kid-subset-size) = {kid_subset_size} exceeds the smaller set "
+                f"({fake.features.shape[0]} samples, {ref_set.features.shape[0]} reference); use at most {n_min}"
+            )
         out["kid_mean"], out["kid_std"] = kid(ref_set.features, fake.features, kid_subsets, kid_subset_size, seed)
     if "pr" in metrics:
         assert ref_set is not None and ref_set.features is not None and fake.features is not None

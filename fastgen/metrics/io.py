@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastgen.data.images import read_image_file, to_nchw
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IMAGE_KEYS = ("arr_0", "images", "samples", "x")
 
@@ -98,38 +100,80 @@ def load_stats(path: str | Path) -> ReferenceStats:
     return ReferenceStats(mu, sigma, meta)
 
 
-def _to_nchw(arr: np.ndarray, where: str) -> torch.Tensor:
-    if arr.ndim == 3:  # (N, H, W) grayscale
-        arr = arr[:, None]
-    if arr.ndim != 4:
-        raise ValueError(f"{where}: images must be (N, H, W, C) or (N, C, H, W), got shape {arr.shape}")
-    if arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
-        arr = arr.transpose(0, 3, 1, 2)
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.dtype not in (torch.uint8,) and not t.is_floating_point():
-        raise ValueError(f"{where}: images must be uint8 (0..255) or float in [-1, 1], got dtype {arr.dtype}")
-    return t
+def _npz_member(f: zipfile.ZipFile, path: Path) -> str:
+    names = [n[:-4] for n in f.namelist() if n.endswith(".npy")]
+    key = next((k for k in IMAGE_KEYS if k in names), None)
+    if key is None:
+        if len(names) != 1:
+            raise ValueError(f"{path}: no image array found (looked for {IMAGE_KEYS}, keys are {sorted(names)})")
+        key = names[0]
+    return key + ".npy"
+
+
+def npz_image_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, str]:
+    """``(shape, dtype, key)`` of the image array in an ``.npz`` without reading its data."""
+    path = Path(path)
+    with _open_zip(path) as zf:
+        member = _npz_member(zf, path)
+        with zf.open(member) as fh:
+            shape, dtype, _ = _read_npy_header(fh, path, member)
+    return shape, dtype, member[:-4]
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such .npz file: {path}")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npz file ({err})") from None
+
+
+def _read_npy_header(fh, path: Path, member: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: member {member} is not a .npy array ({err})") from None
+    if dtype.hasobject:  # object arrays are pickles: never read
+        raise ValueError(f"{path}: {member} holds Python objects (a pickle); only numeric image arrays are read")
+    if dtype.kind not in "uif":
+        raise ValueError(f"{path}: {member} has dtype {dtype}; images must be uint8, uint16 or float")
+    return tuple(shape), dtype, fortran
+
+
+def iter_npz_batches(path: str | Path, batch_size: int = 64) -> Iterator[np.ndarray]:
+    """Yield ``batch_size``-row slices of the image array of an ``.npz`` as numpy arrays, reading lazily.
+
+    Only one batch is in memory at a time (the ``.npy`` member is read row by row from the zip, stored
+    or deflated); object (pickled) arrays are refused before any data is read.
+    """
+    path = Path(path)
+    with _open_zip(path) as zf:
+        member = _npz_member(zf, path)
+        with zf.open(member) as fh:
+            shape, dtype, fortran = _read_npy_header(fh, path, member)
+            if fortran and len(shape) > 1:
+                raise ValueError(f"{path}: {member} is Fortran-ordered; save it C-ordered (np.ascontiguousarray)")
+            if len(shape) == 0:
+                raise ValueError(f"{path}: {member} is a scalar, not images")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            for i in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - i)
+                buf = fh.read(n * row)
+                if len(buf) != n * row:
+                    raise ValueError(f"{path}: {member} is truncated (row {i + len(buf) // max(row, 1)} of {shape[0]})")
+                yield np.frombuffer(bytearray(buf), dtype=dtype).reshape((n, *shape[1:]))
 
 
 def load_npz_images(path: str | Path) -> torch.Tensor:
-    """Images from an ``.npz`` (key ``arr_0``, ``images``, ``samples`` or ``x``; NHWC/NCHW; uint8/float)."""
-    path = Path(path)
-    try:
-        with _open_npz(path) as f:
-            key = next((k for k in IMAGE_KEYS if k in f.files), None)
-            if key is None:
-                if len(f.files) == 1:
-                    key = f.files[0]
-                else:
-                    raise ValueError(
-                        f"{path}: no image array found (looked for {IMAGE_KEYS}, keys are {sorted(f.files)})"
-                    )
-            arr = f[key]
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ValueError(f"{path} is a corrupt .npz file ({err})") from err
-    return _to_nchw(arr, str(path))
+    """All images of an ``.npz`` (key ``arr_0``, ``images``, ``samples`` or ``x``) as ``(N, C, H, W)``."""
+    arr = np.concatenate(list(iter_npz_batches(path, 4096)))
+    out, _ = to_nchw(arr, str(path))
+    return torch.from_numpy(np.ascontiguousarray(out))
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
@@ -147,26 +191,26 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
+def iter_folder_batches(folder: str | Path, batch_size: int = 64, notes: list[str] | None = None
+                        ) -> Iterator[torch.Tensor]:
+    """Yield uint8 ``(B, C, H, W)`` batches of the images in ``folder`` (all must share a size and mode).
 
-    try:
-        with Image.open(path) as im:
-            mode = "L" if im.mode in ("L", "I;16", "1") else "RGB"
-            return np.asarray(im.convert(mode))
-    except OSError as err:
-        raise ValueError(f"cannot read image {path} ({err})") from err
-
-
-def iter_folder_batches(folder: str | Path, batch_size: int = 64) -> Iterator[torch.Tensor]:
-    """Yield uint8 ``(B, C, H, W)`` batches of the images in ``folder`` (all must share a size and mode)."""
+    Files are read by :func:`fastgen.data.images.read_image_file` (16-bit PNGs scaled, alpha dropped);
+    the distinct conversion notes are appended to ``notes`` when given.
+    """
     files = list_image_files(folder)
     for i in range(0, len(files), batch_size):
-        arrs = [_read_image(p) for p in files[i : i + batch_size]]
+        read = [read_image_file(p) for p in files[i : i + batch_size]]
+        arrs = [a for a, _ in read]
+        if notes is not None:
+            for _, info in read:
+                generic = info.note.split(": ", 1)[-1]
+                if generic not in notes:
+                    notes.append(generic)
         shapes = {a.shape for a in arrs}
         if len(shapes) != 1:
             raise ValueError(f"images in {folder} differ in size/channels: {sorted(shapes)[:3]}; resize them first")
-        yield _to_nchw(np.stack(arrs), str(folder))
+        yield torch.from_numpy(np.ascontiguousarray(np.stack(arrs).transpose(0, 3, 1, 2)))
 
 
 def count_images(source: str | Path) -> int:
@@ -174,7 +218,7 @@ def count_images(source: str | Path) -> int:
     source = Path(source)
     if source.is_dir():
         return len(list_image_files(source))
-    return int(load_npz_images(source).shape[0])
+    return int(npz_image_header(source)[0][0])
 
 
 def save_image_folder(images: torch.Tensor, folder: str | Path) -> list[Path]:

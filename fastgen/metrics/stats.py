@@ -37,6 +37,29 @@ def _as_float64(x: Any, name: str) -> torch.Tensor:
     return t
 
 
+#: Relative tolerance of the PSD check. A covariance computed in float64 from float32 features is PSD up to
+#: round-off of order d * eps64 * ||S|| (~1e-12 for d = 2048); a wrong matrix (asymmetric, a negative
+#: variance, a corrupt file) has eigenvalues of order -||S||. 1e-6 separates the two by six decades each way.
+PSD_RTOL = 1e-6
+
+
+def _check_psd(s: torch.Tensor, name: str) -> None:
+    """Refuse a covariance that is not symmetric positive semi-definite (up to :data:`PSD_RTOL`)."""
+    scale = float(s.abs().max()) if s.numel() else 0.0
+    if scale == 0.0:
+        return
+    if float((s - s.t()).abs().max()) > PSD_RTOL * scale:
+        raise ValueError(f"{name} is not symmetric; a covariance must be symmetric positive semi-definite")
+    eye = torch.eye(s.shape[0], dtype=s.dtype)
+    _, info = torch.linalg.cholesky_ex(s + PSD_RTOL * scale * eye)
+    if int(info) != 0:
+        lo = float(torch.linalg.eigvalsh(s)[0])
+        raise ValueError(
+            f"{name} is not positive semi-definite (smallest eigenvalue {lo:.4g}, largest |entry| {scale:.4g}); "
+            "it is not a covariance (corrupt or hand-made statistics?)"
+        )
+
+
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64.
 
@@ -49,7 +72,8 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
         tiny negative number, as in every implementation).
 
     Raises:
-        ValueError: if shapes disagree (names the arguments and the shapes) or values are not finite.
+        ValueError: if shapes disagree (names the arguments and the shapes), values are not finite, or a
+            sigma is not symmetric positive semi-definite (names it; the API and the CLI both refuse).
     """
     m1, s1 = _as_float64(mu1, "mu1"), _as_float64(sigma1, "sigma1")
     m2, s2 = _as_float64(mu2, "mu2"), _as_float64(sigma2, "sigma2")
@@ -61,6 +85,8 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     for name, s in (("sigma1", s1), ("sigma2", s2)):
         if tuple(s.shape) != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}) to match the means, got {tuple(s.shape)}")
+    for name, s in (("sigma1", s1), ("sigma2", s2)):
+        _check_psd(s, name)
     diff = m1 - m2
     tr_covmean = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
     fd = diff.dot(diff) + s1.trace() + s2.trace() - 2.0 * tr_covmean
