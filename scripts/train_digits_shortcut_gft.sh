@@ -59,7 +59,7 @@ noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 fds = {}
 if model == "shortcut":
     max_steps = int(cfg.method.get("max_steps", 128))
-    den_spec = {"type": "fastgen.samplers.shortcut:shortcut_denoiser", "max_steps": max_steps, "d_key": "d"}
+    den_spec = {"type": "shortcut", "max_steps": max_steps, "d_key": "d"}
     sc = shortcut_denoiser(net, max_steps).model
     with torch.no_grad():
         for k in (1, 2, 4, 8, 128):

@@ -340,7 +340,7 @@ def test_feature_heads_on_a_diffusers_unet(placement):
 def test_student_save_load_and_pipeline(tmp_path):
     net = toy_mlp(4, 16, 2, num_classes=3)
     kwargs = {"dim": 4, "hidden": 16, "depth": 2, "num_classes": 3}
-    recipe = {"network": {"builder": "fastgen.distill.student:toy_mlp", "kwargs": kwargs}, "wrap": None}
+    recipe = {"network": {"kind": "toy_mlp", **kwargs}, "wrap": None}
     student = OneStepStudent(net, recipe=recipe)
     save_student(student, tmp_path / "s", (4,), {"divergence": "js"})
     loaded, doc = load_student(tmp_path / "s.safetensors")
@@ -355,9 +355,9 @@ def test_student_save_load_and_pipeline(tmp_path):
     with torch.no_grad():
         assert torch.equal(a, student(torch.randn(5, 4, generator=torch.Generator().manual_seed(1)), lab))
     bad = tmp_path / "bad.json"
-    bad.write_text('{"format": "fastgen-one-step-student", "network": {"builder": "os:system"}}')
+    bad.write_text('{"format": "fastgen-one-step-student", "network": {"kind": "os:system"}}')
     (tmp_path / "bad.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="inside the fastgen package"):
+    with pytest.raises(ValueError, match="network kind must be one of .*'os:system'"):
         load_student(tmp_path / "bad")
 
 

@@ -389,7 +389,7 @@ def test_zoo_roundtrip_of_a_shortcut_model(tmp_path):
     net = build_network(**spec)
     for p in net.parameters():
         nn.init.normal_(p, std=0.1)
-    export_model(net, "toy-shortcut", spec, {"type": "fastgen.samplers.shortcut:shortcut_denoiser", "max_steps": 8},
+    export_model(net, "toy-shortcut", spec, {"type": "shortcut", "max_steps": 8},
                  weights_dir=tmp_path, dtype=torch.float32)
     den = load("toy-shortcut", weights_dir=tmp_path)
     assert isinstance(den, ShortcutDenoiser) and den.d == 1 / 8 and den.model.max_steps == 8

@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import fastgen.distill  # noqa: F401  (registers the "fdistill" method)
     from fastgen.train import Trainer, load_config
 
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])

@@ -45,11 +45,18 @@ class Divergence:
     """An f-divergence: ``f(r)`` (convex, ``f(1) = 0``) and its f-distill weight ``h(r) = r^2 f''(r)``.
 
     ``r`` is a positive tensor (any shape); both functions return a tensor of the same shape and dtype.
+    ``constant_h``: ``h`` does not depend on ``r`` (reverse-KL), so f-distill needs no density ratio.
     """
 
     name: str
     _f: Fn
     _h: Fn
+    constant_h: bool = False
+
+    @property
+    def need_r(self) -> bool:
+        """Whether the f-distill weight needs the density ratio ``r`` (False when ``h`` is constant)."""
+        return not self.constant_h
 
     def f(self, r: torch.Tensor) -> torch.Tensor:
         """The generator function ``f(r)`` elementwise (``r > 0``)."""
@@ -69,7 +76,7 @@ def _xlogx(r: torch.Tensor) -> torch.Tensor:
 
 
 _REGISTRY: dict[str, Divergence] = {
-    "reverse_kl": Divergence("reverse_kl", lambda r: -torch.log(r), lambda r: torch.ones_like(r)),
+    "reverse_kl": Divergence("reverse_kl", lambda r: -torch.log(r), lambda r: torch.ones_like(r), constant_h=True),
     "softened_reverse_kl": Divergence(
         "softened_reverse_kl",
         lambda r: (r + 1) * torch.log((r + 1) / (2 * r)),
@@ -98,7 +105,28 @@ ALIASES: dict[str, str] = {
     "jf": "jeffreys",
 }
 
-#: Canonical names accepted by :func:`get` (plus :data:`ALIASES` and ``"alpha:<a>"``).
+
+def register_divergence(divergence: Divergence, aliases: tuple[str, ...] = ()) -> None:
+    """Register ``divergence`` under its name (and ``aliases``) for :func:`get` and f-distill configs.
+
+    ``divergence.h`` must be ``r^2 f''(r)`` (``tests/test_divergences.py`` checks the built-ins by autograd).
+    """
+    if not isinstance(divergence, Divergence):
+        raise ValueError(f"register_divergence needs a Divergence, got {type(divergence).__name__}")
+    key = divergence.name.strip().lower()
+    if not key or key.startswith("alpha:"):
+        raise ValueError(f"divergence name must be non-empty and not 'alpha:...', got {divergence.name!r}")
+    _REGISTRY[key] = divergence
+    for a in aliases:
+        ALIASES[a.strip().lower()] = key
+
+
+def names() -> tuple[str, ...]:
+    """Canonical names accepted by :func:`get` (plus :data:`ALIASES` and ``"alpha:<a>"``)."""
+    return tuple(_REGISTRY)
+
+
+#: The built-in canonical names.
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
@@ -113,7 +141,7 @@ def alpha(a: float) -> Divergence:
         raise ValueError(f"alpha must be a finite float, got {a}")
     name = f"alpha:{a:g}"
     if a == 0.0:
-        return Divergence(name, lambda r: -torch.log(r) + r - 1, lambda r: torch.ones_like(r))
+        return Divergence(name, lambda r: -torch.log(r) + r - 1, lambda r: torch.ones_like(r), constant_h=True)
     if a == 1.0:
         return Divergence(name, lambda r: _xlogx(r) - r + 1, lambda r: r.clone())
     return Divergence(name, lambda r: (r**a - a * r - (1 - a)) / (a * (a - 1)), lambda r: r**a)
@@ -138,6 +166,6 @@ def get(name: str) -> Divergence:
             raise ValueError(f"divergence {name!r}: expected 'alpha:<float>', e.g. 'alpha:0.5'") from None
         return alpha(a)
     raise ValueError(
-        f"unknown divergence {name!r}; accepted: {', '.join(NAMES)}, aliases {', '.join(ALIASES)}, "
+        f"unknown divergence {name!r}; accepted: {', '.join(names())}, aliases {', '.join(ALIASES)}, "
         "or 'alpha:<a>'"
     )

@@ -417,7 +417,7 @@ class FDistill:
         _check_finite("student sample", x.detach(), step)
         x_t = x + self._bcast(sigma, x) * eps
         use_gan = cfg.lambda_gan > 0
-        need_r = self.div.name not in ("reverse_kl", "alpha:0")
+        need_r = self.div.need_r
         d_fake: torch.Tensor | None = None
         d_teacher: torch.Tensor | None = None
         logits: torch.Tensor | None = None
@@ -679,10 +679,7 @@ def build_teacher(spec: Any) -> tuple[nn.Module, dict[str, Any] | None]:
         pred = spec.get("prediction_type")
         teacher = from_diffusers(model, dict(sched), prediction_type=pred)
         recipe = {
-            "network": {
-                "builder": "fastgen.distill.student:diffusers_model",
-                "kwargs": {"model_class": cls_name, "config": dict(model.config)},
-            },
+            "network": {"kind": "diffusers", "model_class": cls_name, "config": dict(model.config)},
             "wrap": {"type": "diffusers", "scheduler_config": dict(sched), "prediction_type": pred},
         }
         return teacher, recipe
@@ -711,7 +708,7 @@ def from_config(cfg: Any) -> FDistill:
     class_conditional = bool(kw.pop("class_conditional", cfg.data.name == "digits"))
     if "sample_shape" not in kw:
         if cfg.data.name == "digits":
-            kw["sample_shape"] = (64,) if cfg.data.flatten else (1, 8, 8)
+            kw["sample_shape"] = (64,) if cfg.data.options.get("flatten", False) else (1, 8, 8)
         elif cfg.data.name == "mixture":
             from fastgen.train.trainer import build_dataset
 

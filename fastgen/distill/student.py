@@ -1,6 +1,6 @@
 """One-step students as generators: ``student(z, cond) -> samples``, saved as safetensors + JSON.
 
-- :class:`OneStepStudent` wraps a network into a generator. Two forms:
+- :class:`OneStepStudent` (:mod:`fastgen.models.onestep`) wraps a network into a generator. Two forms:
 
   - ``OneStepStudent(denoiser, sigma=80.0)``: a teacher-shaped denoiser evaluated once at the
     maximum noise level, ``x = D(sigma * z, sigma, **cond)`` (f-distill/DMD2 initialise it as a
@@ -8,16 +8,15 @@
   - ``OneStepStudent(net, sigma=None)``: any generator ``net(z, **cond) -> x`` (e.g. :func:`toy_mlp`).
 
 - :func:`save_student` / :func:`load_student` write and read ``<path>.safetensors`` and
-  ``<path>.json``; the JSON holds the network *recipe* (a builder inside ``fastgen`` and its
-  keyword arguments), the sampling sigma, the sample shape and free-form metadata. Only builders
-  inside the ``fastgen`` package are accepted and no pickle is ever loaded.
+  ``<path>.json``; the JSON holds the network *recipe* (``{"kind": NAME, **kwargs}``, a network of
+  :mod:`fastgen.models.registry`), the sampling sigma, the sample shape and free-form metadata. Only
+  registered names are accepted, nothing is imported by module path and no pickle is ever loaded.
 - :class:`OneStepPipeline` -- a one-step Diffusers-style pipeline object:
   ``pipe(batch_size, class_labels=None, generator=None, output_type="pt"|"np"|"pil").images``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,45 +27,11 @@ import torch
 from torch import nn
 
 from fastgen.core.denoiser import EDMDenoiser
+from fastgen.models.onestep import OneStepStudent
+from fastgen.models.registry import build_network, register_network
+from fastgen.models.registry import wrap as registry_wrap
 
 FORMAT = "fastgen-one-step-student"
-
-
-class OneStepStudent(nn.Module):
-    """A one-step generator ``z (B, *sample_shape) -> x (B, *sample_shape)``.
-
-    Args:
-        net: a denoiser ``D(x, sigma, **cond)`` when ``sigma`` is given, else a generator ``net(z, **cond)``.
-        sigma: the noise level at which the denoiser is evaluated (``x = D(sigma z, sigma)``), or None.
-        recipe: optional JSON-able ``{"network": <recipe>, "wrap": <spec or None>}`` that rebuilds ``net``
-            (see :func:`build_network_from_recipe`, :func:`wrap_network`; needed by :func:`save_student`).
-
-    ``forward(z, cond=None, **kw)``: ``cond`` may be a class-label tensor (passed as
-    ``class_labels=``) or a mapping of keyword conditions.
-    """
-
-    def __init__(
-        self, net: nn.Module, sigma: float | None = None, recipe: Mapping[str, Any] | None = None
-    ) -> None:
-        super().__init__()
-        if sigma is not None and not sigma > 0:
-            raise ValueError(f"student sigma must be > 0 (or None for a plain generator), got {sigma}")
-        self.net = net
-        self.sigma = None if sigma is None else float(sigma)
-        self.recipe = dict(recipe) if recipe is not None else None
-
-    def forward(self, z: torch.Tensor, cond: Any = None, **kw: Any) -> torch.Tensor:
-        if isinstance(cond, torch.Tensor):
-            kw = {"class_labels": cond, **kw}
-        elif isinstance(cond, Mapping):
-            kw = {**cond, **kw}
-        elif cond is not None:
-            raise ValueError(f"cond must be a label tensor, a mapping or None, got {type(cond).__name__}")
-        if self.sigma is None:
-            return self.net(z, **kw)
-        return self.net(
-            z * self.sigma, torch.full((z.shape[0],), self.sigma, device=z.device, dtype=z.dtype), **kw
-        )
 
 
 class _ToyNet(nn.Module):
@@ -119,43 +84,18 @@ def toy_mlp(
 
 
 def build_network_from_recipe(network: Mapping[str, Any]) -> nn.Module:
-    """Build a bare network from a recipe: ``{"kind": ..., **kw}`` (``fastgen.models.nets.build_network``)
-    or ``{"builder": "fastgen.<module>:<function>", "kwargs": {...}}`` (only inside the fastgen package)."""
-    network = dict(network)
-    if "kind" in network:
-        from fastgen.models.nets import build_network
-
-        return build_network(network.pop("kind"), **network)
-    builder = str(network.get("builder", ""))
-    mod_name, _, fn_name = builder.partition(":")
-    if not (mod_name == "fastgen" or mod_name.startswith("fastgen.")) or not fn_name:
-        raise ValueError(
-            "student network recipe needs 'kind' (build_network) or a builder 'fastgen.<module>:<function>' "
-            f"inside the fastgen package, got {builder!r}"
-        )
-    fn = getattr(importlib.import_module(mod_name), fn_name, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"student recipe builder {builder!r} does not exist")
-    return fn(**dict(network.get("kwargs", {})))
+    """Build a bare network from a recipe ``{"kind": NAME, **kwargs}``, ``NAME`` a network of
+    :mod:`fastgen.models.registry` (``mlp``, ``unet``, ``diffusers``, ``toy_mlp``, or one a user registered)."""
+    if not isinstance(network, Mapping) or "kind" not in network:
+        raise ValueError(f"student network recipe must be a mapping with a 'kind', got {network!r}")
+    kw = dict(network)
+    return build_network(kw.pop("kind"), **kw)
 
 
 def wrap_network(net: nn.Module, wrap: Mapping[str, Any] | None) -> nn.Module:
-    """Apply a denoiser wrapper spec: None (bare), ``{"type": "edm", sigma_data, sigma_min, sigma_max}``
-    or ``{"type": "diffusers", "scheduler_config": {...}}``."""
-    if wrap is None:
-        return net
-    wrap = dict(wrap)
-    kind = wrap.pop("type", None)
-    if kind == "edm":
-        kw = {k: float(v) for k, v in wrap.items() if k in ("sigma_data", "sigma_min", "sigma_max")}
-        return EDMDenoiser(net, **kw)
-    if kind == "diffusers":
-        from fastgen.core.denoiser import from_diffusers
-
-        return from_diffusers(net, wrap["scheduler_config"], prediction_type=wrap.get("prediction_type"))
-    raise ValueError(
-        f"student wrap must be null, {{'type': 'edm', ...}} or {{'type': 'diffusers', ...}}, got {kind!r}"
-    )
+    """Apply a denoiser wrapper spec of :mod:`fastgen.models.registry`: None (bare),
+    ``{"type": "edm", sigma_data, sigma_min, sigma_max}``, ``{"type": "diffusers", "scheduler_config": {...}}``."""
+    return registry_wrap(net, wrap)
 
 
 def bare_network(student: OneStepStudent) -> nn.Module:
@@ -169,23 +109,6 @@ def bare_network(student: OneStepStudent) -> nn.Module:
     return inner
 
 
-def diffusers_model(model_class: str, config: Mapping[str, Any]) -> nn.Module:
-    """A Diffusers model of class ``model_class`` (a name in ``diffusers``) built from its config dict."""
-    import diffusers
-
-    cls = getattr(diffusers, model_class, None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"model_class {model_class!r} is not a Diffusers model class")
-    return cls.from_config(dict(config))
-
-
-def zoo_student(net: nn.Module, sigma: float | None = None, wrap: Mapping[str, Any] | None = None, **_: Any):
-    """Zoo factory (``"denoiser": {"type": "fastgen.distill.student:zoo_student", ...}``): the one-step
-    student around a loaded bare network, so ``fastgen.models.load("digits-fdistill-js")`` returns a
-    :class:`OneStepStudent` (``student(z, class_labels) -> samples``)."""
-    return OneStepStudent(wrap_network(net, wrap), sigma=sigma, recipe={"network": None, "wrap": wrap})
-
-
 def save_student(
     student: OneStepStudent,
     path: str | Path,
@@ -197,7 +120,7 @@ def save_student(
     The JSON is a zoo entry (``fastgen.models.load`` reads it when the network has a ``kind``)::
 
         {"format": "fastgen-one-step-student", "network": <recipe>,
-         "denoiser": {"type": "fastgen.distill.student:zoo_student", "sigma": ..., "wrap": ...},
+         "denoiser": {"type": "student", "sigma": ..., "wrap": ...},
          "sample_shape": [...], "metadata": {...}}
 
     ``student.recipe = {"network": <recipe>, "wrap": <wrap spec or None>}`` must be set. Returns the paths.
@@ -220,7 +143,7 @@ def save_student(
         "format": FORMAT,
         "network": recipe["network"],
         "denoiser": {
-            "type": "fastgen.distill.student:zoo_student",
+            "type": "student",
             "sigma": student.sigma,
             "wrap": recipe.get("wrap"),
         },
@@ -344,3 +267,6 @@ class OneStepPipeline:
             for a in arr
         ]
         return OneStepPipelineOutput(pil)
+
+
+register_network("toy_mlp", toy_mlp)

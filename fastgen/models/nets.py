@@ -18,8 +18,8 @@ and the flow/shortcut/GFT methods call::
   and added to the conditioning vector. A declared scalar that is not passed takes its default from
   ``scalar_defaults`` (0.0 unless set); an undeclared name raises ``ValueError``.
 
-``build_network(kind, **kwargs)`` builds either by name (``"mlp"`` or ``"unet"``) and is what the
-training configs and the model zoo use.
+Both are registered as network kinds ``"mlp"`` and ``"unet"`` of :mod:`fastgen.models.registry`
+(``build_network(kind, **kwargs)``, what the training configs and the model zoo use).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgen.models.registry import build_network, register_network
+
 __all__ = [
     "SinusoidalEmbedding",
     "ConditionEmbedding",
     "ResidualMLP",
     "DigitsUNet",
     "build_network",
-    "NETWORK_KINDS",
     "count_parameters",
 ]
 
@@ -287,23 +288,8 @@ class DigitsUNet(nn.Module):
         return self.unet(x, tt, class_labels=emb.to(x.dtype)).sample
 
 
-NETWORK_KINDS: dict[str, type[nn.Module]] = {"mlp": ResidualMLP, "unet": DigitsUNet}
-
-
-def build_network(kind: str, **kwargs: Any) -> nn.Module:
-    """Build a net by kind (``"mlp"`` -> :class:`ResidualMLP`, ``"unet"`` -> :class:`DigitsUNet`).
-
-    Unknown keyword arguments raise ``ValueError`` naming them and the accepted ones."""
-    import inspect
-
-    if kind not in NETWORK_KINDS:
-        raise ValueError(f"network kind must be one of {sorted(NETWORK_KINDS)}, got {kind!r}")
-    cls = NETWORK_KINDS[kind]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown {kind} network option(s) {unknown}; accepted: {accepted}")
-    return cls(**kwargs)
+register_network("mlp", ResidualMLP)
+register_network("unet", DigitsUNet)
 
 
 def count_parameters(module: nn.Module) -> int:

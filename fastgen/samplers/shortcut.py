@@ -14,10 +14,11 @@ through the two functions below. Dividing by t gives fastgen's VE state::
 so t = 0 is sigma = inf (pure noise: the sampler starts from ``noise`` itself, the t = 0 state) and
 t = 1 is sigma = 0 (the VE state there *is* the sample). ``t`` and ``d`` are passed to the model as
 ``(B,)`` tensors; ``d`` is the real-valued step size in (0, 1] (how d enters the network is the
-network adapter's business, see :class:`fastgen.train.shortcut.ShortcutNet`).
+network adapter's business, see :class:`fastgen.models.shortcut.ShortcutNet`).
 
 - :func:`shortcut_sample` -- ``n = 1, 2, 4, ...`` steps of ``x <- x + d * s(x, t, d)``, ``d = 1/n``.
-- :class:`ShortcutDenoiser` -- a shortcut model at a fixed ``d`` seen as a VE denoiser (so the
+- :class:`~fastgen.models.shortcut.ShortcutDenoiser` -- a shortcut model at a fixed ``d`` seen as a VE
+  denoiser (so the
   flow-matching head ``d = 1/M`` runs with any fastgen solver; fastgen's Euler in sigma on it equals
   Euler in t on the velocity).
 - :func:`flow_velocity` -- the exact rectified-flow velocity of any VE denoiser (e.g. the exact
@@ -26,15 +27,28 @@ network adapter's business, see :class:`fastgen.train.shortcut.ShortcutNet`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from fastgen.core.denoiser import RectifiedFlowDenoiser, sigma_batch
+from fastgen.core.denoiser import sigma_batch
 from fastgen.core.schedules import rf_t_to_sigma, sigma_to_rf_t
+from fastgen.models.shortcut import ShortcutDenoiser, num_levels
+
+__all__ = [
+    "ShortcutModel",
+    "ShortcutDenoiser",
+    "shortcut_t_to_sigma",
+    "sigma_to_shortcut_t",
+    "check_num_steps",
+    "shortcut_schedule",
+    "shortcut_sigmas",
+    "shortcut_sample",
+    "flow_velocity",
+    "num_levels",
+]
 
 
 class ShortcutModel(Protocol):
@@ -122,28 +136,6 @@ def shortcut_sample(
     return x
 
 
-class ShortcutDenoiser(RectifiedFlowDenoiser):
-    """A shortcut model at a fixed step size ``d`` as a VE denoiser ``D(x, sigma, **cond)``.
-
-    ``t = 1 / (1 + sigma)``, ``x_t = t * x``, ``D = x_t + (1 - t) * s(x_t, t, d)`` (the E[x1 | x_t] form
-    of the velocity; :class:`fastgen.core.denoiser.RectifiedFlowDenoiser`). With ``d = 1/M`` (the
-    flow-matching rows) this is the model's flow-matching denoiser; fastgen's ``euler`` on sigmas
-    ``shortcut_t_to_sigma(t_grid)`` equals Euler in t.
-    """
-
-    def __init__(self, model: ShortcutModel | Callable[..., torch.Tensor], d: float) -> None:
-        nn.Module.__init__(self)
-        if not 0 < d <= 1:
-            raise ValueError(f"d must be in (0, 1], got {d}")
-        self.model = model
-        self.d = float(d)
-        self.sigma_min = None
-        self.sigma_max = None
-
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        return self.model(x_t, t, torch.full_like(t, self.d), **cond)
-
-
 class _FlowVelocity(nn.Module):
     def __init__(self, denoiser: Callable[..., torch.Tensor], t_min: float) -> None:
         super().__init__()
@@ -170,46 +162,3 @@ def flow_velocity(denoiser: Callable[..., torch.Tensor], t_min: float = 1e-7) ->
     if not 0 < t_min < 0.5:
         raise ValueError(f"t_min must be in (0, 0.5), got {t_min}")
     return _FlowVelocity(denoiser, t_min)
-
-
-class ShortcutNet(nn.Module):
-    """Adapter from the shortcut call ``s(x_t, t, d, **cond)`` to a backbone ``net(x_t, t, d=d_in, **cond)``.
-
-    Args:
-        backbone: returns a velocity of the shape of ``x_t``; receives ``t`` (B,) raw in [0, 1]
-            (t = 0 noise) and the keyword ``d_key`` = :meth:`d_input` (B,) in [0, 1].
-        max_steps: M, a power of two; the smallest step is 1/M.
-        d_key: the keyword under which the backbone takes the step-size input.
-    """
-
-    def __init__(self, backbone: nn.Module, max_steps: int = 128, d_key: str = "d") -> None:
-        super().__init__()
-        bad = isinstance(max_steps, bool) or not isinstance(max_steps, int)
-        if bad or max_steps < 2 or max_steps & (max_steps - 1):
-            raise ValueError(f"max_steps must be a power of two >= 2 (e.g. 128), got {max_steps!r}")
-        self.backbone = backbone
-        self.max_steps = int(max_steps)
-        self.d_key = d_key
-
-    def d_input(self, d: torch.Tensor) -> torch.Tensor:
-        """``log2(1/d) / log2(M)``: 0 for d = 1, 1 for d = 1/M (the network's step-size input)."""
-        return torch.log2(1 / d) / num_levels(self.max_steps)
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, d: torch.Tensor, **cond: Any) -> torch.Tensor:
-        out = self.backbone(x_t, t, **{self.d_key: self.d_input(d)}, **cond)
-        return out.sample if hasattr(out, "sample") else out
-
-
-def shortcut_denoiser(net: nn.Module, max_steps: int = 128, d_key: str = "d") -> ShortcutDenoiser:
-    """Model-zoo factory: ``ShortcutDenoiser(ShortcutNet(net, max_steps, d_key), d=1/max_steps)``.
-
-    The result is the model's flow-matching head as a VE denoiser (any fastgen solver); its ``.model``
-    is the :class:`ShortcutNet` for :func:`shortcut_sample` (1 to ``max_steps`` steps).
-    """
-    return ShortcutDenoiser(ShortcutNet(net, max_steps, d_key), d=1.0 / max_steps)
-
-
-def num_levels(max_steps: int) -> int:
-    """``log2(max_steps)``: the number of shortcut levels above the flow-matching step ``1/max_steps``."""
-    check_num_steps(max_steps)
-    return int(round(math.log2(max_steps)))

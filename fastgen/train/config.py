@@ -1,9 +1,10 @@
 """Training run configuration: YAML files that map 1:1 to dataclasses.
 
-A YAML file has the fields of :class:`TrainConfig`; the nested sections ``data``, ``optim`` and ``ema``
-are dataclasses too, while ``network`` (kwargs of :func:`fastgen.models.nets.build_network`, plus
-``kind``) and ``method`` (``name`` plus the method's kwargs) are free dicts validated by whoever consumes
-them. Unknown keys in the dataclass sections raise ``ValueError`` naming the key and the accepted ones.
+A YAML file has the fields of :class:`TrainConfig`; the nested sections ``data`` (a data set name of
+:mod:`fastgen.data.registry` and its options), ``optim`` and ``ema`` are dataclasses too, while ``network``
+(``kind``, a network of :mod:`fastgen.models.registry`, plus its kwargs) and ``method`` (``name``, a method
+of :mod:`fastgen.train.method`, plus its kwargs) are free dicts validated by whoever consumes them.
+Unknown keys in the dataclass sections raise ``ValueError`` naming the key and the accepted ones.
 
 Overrides use dotted keys with YAML-parsed values: ``--set steps=2000 --set optim.lr=3e-4
 --set method.label_dropout=0.2``.
@@ -20,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from fastgen.data.registry import check_options as check_data_options
+
 __all__ = [
     "DataConfig",
     "OptimConfig",
@@ -35,18 +38,13 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    """Where batches come from. ``name``: ``"digits"`` (images ``(N,1,8,8)`` in [-1, 1] and labels),
-    ``"mixture"`` (``num_samples`` points pre-drawn with ``seed`` from a :mod:`fastgen.data.toy`
-    mixture; labels are the component indices) or ``"none"`` (methods that draw their own inputs; the
-    batch is ``{"index": (B,) int64}``)."""
+    """Where batches come from: a data set of :mod:`fastgen.data.registry` by ``name`` and its ``options``
+    (``digits``: ``split``, ``flatten``; ``mixture``: ``mixture``, ``mixture_options``, ``num_samples``,
+    ``seed``; ``none``: ``num_samples``). In YAML the options sit next to the name
+    (``data: {name: digits, split: train}``) or under ``options``."""
 
     name: str = "digits"
-    split: str = "train"  # digits: train | test | all
-    flatten: bool = False  # digits: (N, 64) instead of (N, 1, 8, 8)
-    mixture: str = "ring"  # mixture: ring | grid | random
-    mixture_options: dict[str, Any] = field(default_factory=dict)  # kwargs of ring_mixture / ...
-    num_samples: int = 65536  # mixture / none: size of one epoch
-    seed: int = 0  # mixture: seed of the pre-drawn points
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,11 +124,11 @@ class TrainConfig:
                 self.optim.decay_start is None or self.optim.decay_end > self.optim.decay_start >= 0),
              "set together with optim.decay_start, and > decay_start >= 0"),
             ("optim.final_lr_ratio", self.optim.final_lr_ratio >= 0, ">= 0"),
-            ("data.name", self.data.name in ("digits", "mixture", "none"), "'digits', 'mixture' or 'none'"),
         ]
         for name, ok, accepted in checks:
             if not ok:
                 raise ValueError(f"config: {name} must be {accepted}")
+        check_data_options(self.data.name, self.data.options)
         if "kind" not in self.network:
             raise ValueError("config: network must have a 'kind' (e.g. 'mlp' or 'unet')")
         if "name" not in self.method:
@@ -158,9 +156,18 @@ def _hint_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+def _data_section(data: dict[str, Any]) -> dict[str, Any]:
+    """``{name, **options}`` (the YAML form) -> ``{name, options}``."""
+    options = dict(data.get("options") or {})
+    options.update({k: v for k, v in data.items() if k not in ("name", "options")})
+    return {"name": data.get("name", DataConfig.name), "options": options}
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"config: {where or 'top level'} must be a mapping, got {type(data).__name__}")
+    if cls is DataConfig:
+        data = _data_section(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]

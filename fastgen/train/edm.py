@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fastgen.core.denoiser import EDMDenoiser
-from fastgen.train.method import SingleNetworkMethod
+from fastgen.train.method import SingleNetworkMethod, register_method
 
 __all__ = ["EDMMethod", "edm_loss", "drop_labels"]
 
@@ -126,3 +126,6 @@ def from_config(cfg: Any) -> EDMMethod:
     check_kwargs(EDMMethod.__init__, kw, "edm method")
     net_kw = dict(cfg.network)
     return EDMMethod(build_network(net_kw.pop("kind"), **net_kw), **kw)
+
+
+register_method("edm", from_config)

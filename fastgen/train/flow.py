@@ -20,7 +20,7 @@ from torch import nn
 
 from fastgen.core.denoiser import RectifiedFlowDenoiser
 from fastgen.train.edm import drop_labels
-from fastgen.train.method import SingleNetworkMethod
+from fastgen.train.method import SingleNetworkMethod, register_method
 
 __all__ = ["FlowMatchingMethod", "FlowVelocityDenoiser", "flow_matching_loss"]
 
@@ -114,3 +114,6 @@ def from_config(cfg: Any) -> FlowMatchingMethod:
     check_kwargs(FlowMatchingMethod.__init__, kw, "flow method")
     net_kw = dict(cfg.network)
     return FlowMatchingMethod(build_network(net_kw.pop("kind"), **net_kw), **kw)
+
+
+register_method("flow", from_config)

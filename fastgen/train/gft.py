@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fastgen.core.denoiser import EDMDenoiser
-from fastgen.train.method import SingleNetworkMethod
+from fastgen.train.method import SingleNetworkMethod, register_method
 
 __all__ = ["GFTMethod", "from_config", "gft_mixture", "zero_init_beta"]
 
@@ -198,3 +198,6 @@ def from_config(cfg: Any) -> GFTMethod:
             raise ValueError(f"init {init!r} does not fit the network: missing {bad}, unexpected {list(unexpected)}")
         zero_init_beta(net)
     return GFTMethod(net, **kw)
+
+
+register_method("gft", from_config)

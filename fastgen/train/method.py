@@ -25,16 +25,13 @@ mixed precision, gradient accumulation, EMA, checkpoints and logging.
   device=g.device).to(x.device)``). The global torch seed is set from the same triple before each call.
   Drawing all randomness this way is what makes resumed and multi-process runs exact.
 - The trainer runs ``step`` under ``torch.autocast`` when ``mixed_precision: bf16``.
-- Registry: a config's ``method: {name: ...}`` is resolved by :func:`build_method` (below): built-in names
-  map to ``from_config(cfg) -> Method`` in the method's module; ``"package.module:factory"`` works too.
-
-Backward compatibility: this protocol is unchanged since it was first committed; the registry and the
-generator/shard notes above were added without changing any signature.
+- Registry: a config's ``method: {name: ...}`` names a method registered with :func:`register_method`
+  (resolved by :func:`build_method`); nothing is imported by module path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -65,24 +62,22 @@ class Method(Protocol):
 # Method registry: how a YAML config's ``method: {name: ..., ...}`` becomes a Method.
 # --------------------------------------------------------------------------------------------
 
-#: Built-in method names -> ``"module:factory"``. A factory is ``factory(cfg: TrainConfig) -> Method``
-#: (it builds its own networks, typically with ``fastgen.models.nets.build_network(**cfg.network)``
-#: and the method kwargs ``method_kwargs(cfg)``). Modules are imported only when the name is used, so
-#: a name whose module does not exist yet simply fails when requested.
-BUILTIN_METHODS: dict[str, str] = {
-    "edm": "fastgen.train.edm:from_config",
-    "flow": "fastgen.train.flow:from_config",
-    "shortcut": "fastgen.train.shortcut:from_config",
-    "gft": "fastgen.train.gft:from_config",
-    "fdistill": "fastgen.distill.fdistill:from_config",
-}
-
-_REGISTRY: dict[str, Any] = {}
+#: Registered methods: name -> ``factory(cfg: TrainConfig) -> Method``. A factory builds its own networks
+#: (typically with ``fastgen.models.registry.build_network(**cfg.network)``) from the method kwargs
+#: ``method_kwargs(cfg)``. The built-in methods register themselves when their module is imported:
+#: ``edm``, ``flow``, ``shortcut`` and ``gft`` by :mod:`fastgen.train`, ``fdistill`` by :mod:`fastgen.distill`.
+_REGISTRY: dict[str, Callable[[Any], Method]] = {}
 
 
-def register_method(name: str, factory: Any) -> None:
-    """Register ``factory(cfg) -> Method`` under ``name`` (overrides a built-in of that name)."""
+def register_method(name: str, factory: Callable[[Any], Method]) -> None:
+    """Register ``factory(cfg) -> Method`` under ``name`` (replaces a method of that name)."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"method name must be a non-empty string without ':', got {name!r}")
     _REGISTRY[name] = factory
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
 
 
 def method_kwargs(cfg: Any) -> dict[str, Any]:
@@ -91,24 +86,14 @@ def method_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 def build_method(cfg: Any) -> Method:
-    """Build the method a config names: a registered name, a built-in name, or ``"module:factory"``."""
-    import importlib
-
+    """Build the method a config names (a registered name; ``ValueError`` listing them otherwise)."""
     name = cfg.method["name"]
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        target = BUILTIN_METHODS.get(name, name if ":" in name else None)
-        if target is None:
-            raise ValueError(
-                f"method.name must be one of {sorted(set(BUILTIN_METHODS) | set(_REGISTRY))} or "
-                f"'module:factory', got {name!r}"
-            )
-        module, _, attr = target.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"method {name!r}: cannot import {target!r} ({err})") from err
-    return factory(cfg)
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"method.name must be one of {method_names()}, got {name!r} (methods outside fastgen.train register "
+            "when their package is imported, e.g. 'fdistill' with `import fastgen.distill`)"
+        )
+    return _REGISTRY[name](cfg)
 
 
 def check_kwargs(fn: Any, kwargs: dict[str, Any], what: str) -> None:

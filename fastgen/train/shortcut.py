@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastgen.samplers.shortcut import ShortcutNet, num_levels
+from fastgen.models.shortcut import ShortcutNet, num_levels
+from fastgen.train.method import register_method
 
 __all__ = ["ShortcutMethod", "ShortcutNet", "assign_levels", "bootstrap_target", "from_config"]
 
@@ -319,3 +320,6 @@ def from_config(cfg: Any) -> ShortcutMethod:
         kw["num_classes"] = int(net_kw["num_classes"])
     backbone = build_network(net_kw.pop("kind"), **net_kw)
     return ShortcutMethod(ShortcutNet(backbone, max_steps, d_key), **kw)
+
+
+register_method("shortcut", from_config)

@@ -60,30 +60,11 @@ def shard_seed(seed: int, step: int, shard: int) -> int:
 
 
 def build_dataset(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The in-memory training set named by ``cfg.data`` as a dict of equal-length tensors."""
-    d = cfg.data
-    if d.name == "digits":
-        from fastgen.data import load_digits_split
+    """The in-memory training set named by ``cfg.data`` (:mod:`fastgen.data.registry`) as a dict of
+    equal-length tensors."""
+    from fastgen.data.registry import build_dataset as build_named_dataset
 
-        split = load_digits_split(d.split)
-        x = split.images.reshape(len(split), -1) if d.flatten else split.images
-        return {"x": x.float(), "label": split.labels.long()}
-    if d.name == "mixture":
-        from fastgen.data import toy
-
-        builders = {"ring": toy.ring_mixture, "grid": toy.grid_mixture, "random": toy.random_mixture}
-        if d.mixture not in builders:
-            raise ValueError(f"data.mixture must be one of {sorted(builders)}, got {d.mixture!r}")
-        try:
-            mix = builders[d.mixture](**d.mixture_options)
-        except TypeError as err:
-            raise ValueError(f"data.mixture_options do not fit {d.mixture!r}: {err}") from err
-        g = torch.Generator().manual_seed(d.seed)
-        x, labels = mix.sample(d.num_samples, generator=g)
-        return {"x": x.float(), "label": labels.long()}
-    if d.name == "none":
-        return {"index": torch.arange(d.num_samples)}
-    raise ValueError(f"data.name must be 'digits', 'mixture' or 'none', got {d.name!r}")
+    return build_named_dataset(cfg.data.name, **cfg.data.options)
 
 
 def _global_indices(n: int, seed: int, step: int, batch_size: int) -> torch.Tensor:
