@@ -41,6 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from fastgen.distill.fdistill import FDistill
     from fastgen.train import Trainer, load_config
 
+    if args.export:  # checked before training, not after it
+        from fastgen.io.paths import check_inside
+        from fastgen.models.zoo import WEIGHTS_DIR
+
+        if check_inside(args.export, WEIGHTS_DIR, "--export") == WEIGHTS_DIR.resolve():
+            raise ValueError(f"--export {args.export!r} names the zoo folder itself; give a model name")
+    if args.eval and args.eval < 2:
+        raise ValueError(f"--eval must be 0 (off) or >= 2 samples, got {args.eval}")
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     if cfg.method.get("name") != "fdistill":
