@@ -13,7 +13,6 @@ e.g. [0, 16] or [0, 255]).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from functools import lru_cache
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from fastgen.io.hashing import file_sha256
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "weights"
 DIGITS_WEIGHTS = WEIGHTS_DIR / "digits-classifier.safetensors"
@@ -100,14 +101,6 @@ def digits_accuracy(net: DigitsClassifier, split: str = "test") -> float:
     return float((pred == data.labels).float().mean())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_digits_classifier(net: DigitsClassifier, path: str | Path, card: dict | None = None) -> str:
     """Save ``net`` as safetensors (plus ``<path>.json`` with ``card`` and the sha256); return the sha256."""
     from safetensors.torch import save_file
@@ -115,7 +108,7 @@ def save_digits_classifier(net: DigitsClassifier, path: str | Path, card: dict |
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    digest = _sha256(path)
+    digest = file_sha256(path)
     meta = dict(card or {})
     meta["sha256"] = digest
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -18,13 +18,14 @@ with ``torch.load(..., weights_only=True)`` (``.safetensors`` files are also acc
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastgen.io.hashing import file_sha256
 
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INCEPTION_SIZE = 95_628_359
@@ -260,15 +261,6 @@ class FIDInceptionV3(nn.Module):
 
 # --------------------------------------------------------------------------------------------- weights
 _VERIFIED: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file (streamed in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _missing_message(tried: list[str]) -> str:

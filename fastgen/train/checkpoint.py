@@ -15,7 +15,6 @@ is corrupt or incomplete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from fastgen.io.hashing import file_sha256
 
 __all__ = [
     "write_checkpoint",
@@ -43,14 +44,6 @@ LATEST = "latest"
 
 def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -100,7 +93,7 @@ def write_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-    state = dict(state, format=FORMAT, step=int(step), sha256={TENSORS: _sha256(tmp / TENSORS)})
+    state = dict(state, format=FORMAT, step=int(step), sha256={TENSORS: file_sha256(tmp / TENSORS)})
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     if final.exists():
         old = root / f".{final.name}.old-{os.getpid()}"
@@ -141,7 +134,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"corrupt checkpoint: {str(sfile)!r} has no format={FORMAT} state")
     digest = state.get("sha256", {}).get(TENSORS)
-    if digest != _sha256(tfile):
+    if digest != file_sha256(tfile):
         raise ValueError(f"corrupt checkpoint: {str(tfile)!r} does not match the sha256 in {STATE}")
     try:
         tensors = load_file(str(tfile))
