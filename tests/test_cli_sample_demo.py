@@ -62,7 +62,7 @@ def test_sample_is_reproducible_and_writes_pngs(ddpm_folder, tmp_path):
 def test_sample_clear_errors(ddpm_folder, tmp_path, capsys):
     path, _ = ddpm_folder
     assert main(["sample", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "neither an embedded model" in capsys.readouterr().err
+    assert "neither a zoo model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--model", str(path), "--sampler", "warp-drive"])
     assert exc.value.code == 2

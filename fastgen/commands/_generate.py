@@ -1,8 +1,9 @@
 """One sampling routine behind ``fastgen sample`` and ``fastgen demo``.
 
-:func:`generate` draws ``n`` samples from a :class:`~fastgen.commands._models.LoadedModel` with a
-named sampler and schedule, seeded, in batches, and returns them with the number of network calls
-per sample (NFE; CFG counts two calls per evaluation).
+:func:`generate` draws ``n`` samples from a :class:`~fastgen.models.LoadedModel` (what
+:func:`fastgen.models.load_model` returns) with a named sampler and schedule, seeded, in batches, and
+returns them with the number of network calls per sample (NFE; CFG counts two calls per evaluation).
+Latent pipelines return decoded images in [-1, 1].
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastgen.commands._models import LoadedModel, class_labels_for
 from fastgen.core import schedules
 from fastgen.core.solvers import SOLVERS, get_solver
+from fastgen.models.sources import LoadedModel, check_schedule_fits
 
 SAMPLERS = ("restart", "euler", "heun", "dpmpp_2m", "ipndm", "shortcut", "student")
 NAMED_SCHEDULES = ("karras", "loglinear", "ays", "ld3", "dp")
@@ -25,12 +26,18 @@ SHIPPED_SCHEDULES = Path(__file__).resolve().parent.parent / "models" / "weights
 
 @dataclass
 class SampleSpec:
-    """What to sample: sampler name, schedule (name or JSON path), solver steps, CFG weight."""
+    """What to sample: sampler name, schedule (name or JSON path), solver steps, CFG weight, and the
+    conditioning inputs (class label or ``"cycle"``, prompts, negative prompt); ``allow_schedule_range``
+    runs a schedule whose sigmas leave the model's range (experts only)."""
 
     sampler: str | None = None
     schedule: str = "karras"
     steps: int = 10
     guidance: float = 1.0
+    class_label: str | int | None = "cycle"
+    prompts: list[str] | None = None
+    negative_prompt: str | None = None
+    allow_schedule_range: bool = False
 
 
 class _Counter(torch.nn.Module):
@@ -87,16 +94,18 @@ def resolve_schedule(spec: SampleSpec, model: LoadedModel, solver: str):
                 f"--sampler {sched.solver} (got {solver!r})"
             )
     sig = sched.solver_sigmas()
-    if float(sig[0]) > model.sigma_max * (1 + 1e-6) or float(sig[-2]) < model.sigma_min * (1 - 1e-6):
-        raise ValueError(
-            f"schedule sigmas [{float(sig[-2]):.4g}, {float(sig[0]):.4g}] leave the model's range "
-            f"[{model.sigma_min:.4g}, {model.sigma_max:.4g}]"
-        )
+    pos = sig[sig > 0]
+    check_schedule_fits((float(pos.min()), float(pos.max())), model.sigma_range, spec.allow_schedule_range)
     return sig, sched.wrap
 
 
 def default_sampler(model: LoadedModel) -> str:
     return {"shortcut": "shortcut", "student": "student"}.get(model.kind, "heun")
+
+
+def _unconditional_guidance(spec: SampleSpec, model: LoadedModel) -> None:
+    if spec.guidance != 1.0 and model.kind != "gft" and model.conditioning == "none":
+        raise ValueError(f"--guidance does not apply to {model.name}: it is unconditional (accepted: 1)")
 
 
 def _check_spec(spec: SampleSpec, model: LoadedModel) -> str:
@@ -113,8 +122,9 @@ def _check_spec(spec: SampleSpec, model: LoadedModel) -> str:
         raise ValueError(f"{model.name} is a shortcut model: use --sampler shortcut (got {sampler!r})")
     if sampler in ("shortcut", "student") and model.kind != sampler:
         raise ValueError(f"--sampler {sampler} needs a {sampler} model; {model.name} is a {model.kind} model")
-    if spec.guidance != 1.0 and model.num_classes is None:
-        raise ValueError("--guidance needs a class-conditional model")
+    if model.kind == "student" and spec.guidance != 1.0:
+        raise ValueError(f"--guidance does not apply to {model.name}: a one-step student has no CFG (accepted: 1)")
+    _unconditional_guidance(spec, model)
     return sampler
 
 
@@ -129,7 +139,10 @@ def generate(
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[torch.Tensor, float]:
-    """``n`` samples ``(n, *model.shape)`` in [-1, 1]-ish data units and the NFE per sample."""
+    """``n`` samples ``(n, *image shape)`` in [-1, 1] (decoded for latent pipelines) and the NFE per sample.
+
+    ``class_label`` (if given) overrides ``spec.class_label``. Conditions come from
+    :meth:`LoadedModel.condition` (computed once, detached)."""
     if n < 1:
         raise ValueError(f"--num must be >= 1, got {n}")
     if batch_size < 1:
@@ -137,39 +150,52 @@ def generate(
     sampler = _check_spec(spec, model)
     gen = torch.Generator().manual_seed(seed)
     noise_all = torch.randn(n, *model.shape, generator=gen)
-    labels_all = class_labels_for(n, model, class_label, "cpu")
+    label = spec.class_label if class_label is None else class_label
+    cond_w = 1.0 if model.kind == "gft" else spec.guidance
+    cond_all, uncond_all = model.condition(
+        n, class_labels=label if model.conditioning == "class" else None, prompts=spec.prompts,
+        negative_prompt=spec.negative_prompt, guidance=cond_w, device="cpu")
     run = _build_runner(model, spec, sampler, gen, device)
     out, calls = [], 0.0
     for i in tqdm(range(0, n, batch_size), desc=f"{Path(model.name).name}:{sampler}", disable=not progress,
                   leave=False):
         noise = noise_all[i : i + batch_size].to(device)
-        cond = {} if labels_all is None else {"class_labels": labels_all[i : i + batch_size].to(device)}
-        x, c = run(noise, cond)
-        out.append(x.cpu())
+        cond = _slice(cond_all, i, batch_size, device)
+        uncond = None if uncond_all is None else _slice(uncond_all, i, batch_size, device)
+        x, c = run(noise, cond, uncond)
+        out.append(model.decode(x).cpu() if model.latent else x.cpu())
         calls = c
     return torch.cat(out), calls
 
 
+def _slice(cond: dict[str, Any], i: int, b: int, device: str) -> dict[str, Any]:
+    return {k: (v[i : i + b].to(device) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+
+
+def _guided(model: LoadedModel, spec: SampleSpec, den: Any, uncond: dict[str, Any] | None) -> Any:
+    """The denoiser with guidance: GFT's one pass (beta = 1/w) or CFG against ``uncond``."""
+    if model.kind == "gft":
+        from fastgen.samplers.guidance import gft
+
+        return gft(den, w=max(spec.guidance, 1.0))
+    if spec.guidance != 1.0:
+        from fastgen.samplers.guidance import cfg
+
+        return cfg(den, spec.guidance, uncond)
+    return den
+
+
 def _build_runner(model: LoadedModel, spec: SampleSpec, sampler: str, gen: torch.Generator, device: str):
+    """``run(noise, cond, uncond) -> (x, calls per sample)`` for the chosen sampler."""
     if sampler == "student":
-        return lambda noise, cond: (model.student(noise, cond.get("class_labels")), 1)
+        return lambda noise, cond, uncond: (model.generator(noise, cond), 1)
     if sampler == "shortcut":
         from fastgen.samplers.shortcut import check_num_steps, shortcut_sample
 
         check_num_steps(spec.steps, getattr(model.shortcut, "max_steps", None))
-        return lambda noise, cond: (shortcut_sample(model.shortcut, noise, spec.steps, **cond), spec.steps)
+        return lambda noise, cond, uncond: (shortcut_sample(model.shortcut, noise, spec.steps, **cond), spec.steps)
 
-    den = model.denoiser
-    if model.kind == "gft":
-        from fastgen.samplers.guidance import gft
-
-        den = gft(den, w=max(spec.guidance, 1.0))
-    elif spec.guidance != 1.0:
-        from fastgen.samplers.guidance import cfg
-
-        den = cfg(den, spec.guidance)
-    counter = _Counter(den)
-
+    counter = _Counter(model.denoiser)
     if sampler == "restart":
         from fastgen.samplers.restart import auto_plan, restart_sample
 
@@ -177,9 +203,10 @@ def _build_runner(model: LoadedModel, spec: SampleSpec, sampler: str, gen: torch
             raise ValueError("--sampler restart builds its own Karras grid; use --schedule karras")
         plan = auto_plan(spec.steps, model.sigma_min, model.sigma_max)
 
-        def run_restart(noise: torch.Tensor, cond: dict[str, Any]):
+        def run_restart(noise: torch.Tensor, cond: dict[str, Any], uncond: dict[str, Any] | None):
             counter.calls = 0
-            x = restart_sample(counter, noise * float(plan.sigmas[0]), plan=plan, generator=gen, **cond)
+            den = _guided(model, spec, counter, uncond)
+            x = restart_sample(den, noise * float(plan.sigmas[0]), plan=plan, generator=gen, **cond)
             return x, counter.calls / 1.0
 
         return run_restart
@@ -187,10 +214,11 @@ def _build_runner(model: LoadedModel, spec: SampleSpec, sampler: str, gen: torch
         raise ValueError(f"unknown sampler {sampler!r}")
     sig, wrap = resolve_schedule(spec, model, sampler)
     solver = get_solver(sampler)
-    wrapped = wrap(counter) if wrap is not None else counter
 
-    def run_ode(noise: torch.Tensor, cond: dict[str, Any]):
+    def run_ode(noise: torch.Tensor, cond: dict[str, Any], uncond: dict[str, Any] | None):
         counter.calls = 0
+        den = _guided(model, spec, counter, uncond)
+        wrapped = wrap(den) if wrap is not None else den
         s = sig.to(device=noise.device, dtype=noise.dtype)
         return solver(wrapped, noise * s[0], s, **cond), counter.calls
 

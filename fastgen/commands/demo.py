@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fastgen.commands._generate import SampleSpec, generate, shipped_schedule_path
-from fastgen.commands._models import LoadedModel, class_labels_for, load_embedded
+from fastgen.models import LoadedModel, load_model
 
 TEACHER = "digits-edm"
 
@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
     available = set(list_models())
     if TEACHER not in available:
         raise FileNotFoundError(f"the embedded teacher {TEACHER!r} is missing from fastgen/models/weights")
-    teacher = load_embedded(TEACHER, device)
+    teacher = load_model(TEACHER, device)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(n, *teacher.shape, generator=gen)
-    labels = class_labels_for(n, teacher, "cycle", "cpu")
+    labels = teacher.condition(n, class_labels="cycle")[0].get("class_labels")
 
     rows: list[Row] = []
     grids: list[tuple[str, torch.Tensor]] = []
@@ -158,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
         record("fastgen Heun, Karras", "fastgen Heun", gen_spec(teacher, SampleSpec("heun", "karras", heun_steps)))
     # Few-step and one-step models.
     if "digits-shortcut" in available:
-        sc = load_embedded("digits-shortcut", device)
+        sc = load_model("digits-shortcut", device)
         for k in [1, 4] if args.quick else [1, 2, 4, 8]:
             record("shortcut model", "shortcut", gen_spec(sc, SampleSpec("shortcut", "karras", k)), grid=(k == 4))
     students = sorted(m for m in available if m.startswith("digits-fdistill"))
     for name in students:
-        st = load_embedded(name, device)
+        st = load_model(name, device)
         record(f"one-step student ({name})", "one-step student", gen_spec(st, SampleSpec("student", "karras", 1)),
                grid=True)
 

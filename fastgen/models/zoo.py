@@ -3,12 +3,11 @@
 A model ``NAME`` is three files in ``fastgen/models/weights/`` (or another folder passed as ``weights_dir``):
 
 - ``NAME.safetensors``: the network's state dict (float16 or float32; loaded as float32 by default);
-- ``NAME.json``: ``{"network": {"kind": ..., **build_network kwargs}, "denoiser": {"type": ..., **kwargs}}``
-  where ``type`` is ``"edm"`` (EDM preconditioning, kwargs ``sigma_data``, ``sigma_min``, ``sigma_max``),
-  ``"flow"`` (a rectified-flow velocity net, :class:`fastgen.train.flow.FlowVelocityDenoiser`),
-  ``"raw"`` (the network itself) or ``"module:factory"`` with ``factory(net, **kwargs) -> denoiser``
-  (how the shortcut and GFT models plug in their own wrappers). Extra top-level keys (training
-  provenance, FD reached, ...) are allowed and ignored by the loader;
+- ``NAME.json``: ``{"network": {"kind": NAME, **kwargs}, "denoiser": {"type": NAME, **kwargs},
+  "sample_shape": [...]}``: registry names only (:mod:`fastgen.models.registry`: networks ``mlp``,
+  ``unet``, ``diffusers``; wrappers ``edm``, ``flow``, ``raw``, ``diffusers``, ``shortcut``, ``student``).
+  Nothing in the file is imported or called by module path. Extra top-level keys (training provenance,
+  ``method``, FD reached, ...) are kept for the model card; ``method.name == "gft"`` marks a GFT model;
 - ``NAME.md``: the model card (config, seed, steps, wall time, FD_digits reached).
 
 ``load(name)`` returns the denoiser in eval mode with gradients off; EDM-contract models are called as
@@ -18,7 +17,6 @@ A model ``NAME`` is three files in ``fastgen/models/weights/`` (or another folde
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastgen.models.nets import build_network
+from fastgen.models.registry import build_network, wrap
 
-__all__ = ["WEIGHTS_DIR", "list_models", "load", "load_network", "model_info", "model_card", "export_model"]
+__all__ = [
+    "WEIGHTS_DIR", "list_models", "load", "load_network", "build_model", "model_info", "model_card", "export_model",
+]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -74,43 +74,55 @@ def model_card(name: str, weights_dir: str | Path | None = None) -> str:
     return p.read_text() if p.is_file() else ""
 
 
+def _state(weights: str | Path | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(weights, dict):
+        return weights
+    try:
+        return load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"cannot read weights {str(weights)!r}: {err}") from err
+
+
+def build_network_from_info(
+    info: dict[str, Any], weights: str | Path | dict[str, torch.Tensor], where: str,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """The bare network of a model JSON (``"network": {"kind": NAME, **kwargs}``, a registry name) with
+    ``weights`` (a safetensors path or a state dict), in eval mode without gradients."""
+    net_kw = dict(info.get("network") or {})
+    if "kind" not in net_kw:
+        raise ValueError(f"{where}: 'network' needs a 'kind' (a registered network name)")
+    net = build_network(net_kw.pop("kind"), **net_kw)
+    state = _state(weights)
+    try:
+        net.load_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()})
+    except RuntimeError as err:
+        raise ValueError(f"weights for {where} do not fit the network: {err}") from err
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_model(
+    info: dict[str, Any], weights: str | Path | dict[str, torch.Tensor], where: str = "model",
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Network + denoiser wrapper of a model JSON (``"denoiser": {"type": NAME, ...}``, a registry name;
+    default ``edm``), in eval mode with gradients off. The one place a model JSON becomes a module."""
+    import fastgen.models.onestep  # noqa: F401  (registers the "student" wrapper)
+    import fastgen.models.shortcut  # noqa: F401  (registers the "shortcut" wrapper)
+
+    net = build_network_from_info(info, weights, where, device, dtype)
+    model = wrap(net, info.get("denoiser", {"type": "edm"}))
+    return model.to(device=device).eval().requires_grad_(False)
+
+
 def load_network(
     name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     weights_dir: str | Path | None = None,
 ) -> nn.Module:
     """The bare network of model ``name`` with its weights (eval mode, no gradients)."""
     info = model_info(name, weights_dir)
-    net_kw = dict(info["network"])
-    net = build_network(net_kw.pop("kind"), **net_kw)
     path = _dir(weights_dir) / f"{name}.safetensors"
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"cannot read weights {str(path)!r}: {err}") from err
-    try:
-        net.load_state_dict({k: v.to(dtype) for k, v in state.items()})
-    except RuntimeError as err:
-        raise ValueError(f"weights {str(path)!r} do not fit the network in {name}.json: {err}") from err
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _wrap(net: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    spec = dict(spec)
-    kind = spec.pop("type", "edm")
-    if kind == "edm":
-        from fastgen.core.denoiser import EDMDenoiser
-
-        return EDMDenoiser(net, **spec)
-    if kind == "flow":
-        from fastgen.core.denoiser import RectifiedFlowDenoiser
-
-        return RectifiedFlowDenoiser(net)
-    if kind == "raw":
-        return net
-    if ":" in kind:
-        module, _, attr = kind.partition(":")
-        return getattr(importlib.import_module(module), attr)(net, **spec)
-    raise ValueError(f"denoiser type must be 'edm', 'flow', 'raw' or 'module:factory', got {kind!r}")
+    return build_network_from_info(info, path, f"{name}.json", device, dtype)
 
 
 def load(
@@ -118,11 +130,11 @@ def load(
     weights_dir: str | Path | None = None,
 ) -> nn.Module:
     """A ready model by name, e.g. ``load("digits-edm")``: an EDM-contract denoiser
-    ``D(x (B,1,8,8), sigma, class_labels=(B,) int64 or None) -> x0_hat`` in eval mode, gradients off."""
+    ``D(x (B,1,8,8), sigma, class_labels=(B,) int64 or None) -> x0_hat`` in eval mode, gradients off
+    (a :class:`~fastgen.models.onestep.OneStepStudent` for students). For everything a caller needs
+    besides the module (shape, sigma range, conditioning, identity) use :func:`fastgen.models.load_model`."""
     info = model_info(name, weights_dir)
-    net = load_network(name, device, dtype, weights_dir)
-    model = _wrap(net, info.get("denoiser", {"type": "edm"}))
-    return model.to(device=device).eval().requires_grad_(False)
+    return build_model(info, _dir(weights_dir) / f"{name}.safetensors", f"{name}.json", device, dtype)
 
 
 def export_model(
@@ -160,6 +172,13 @@ def ema_state_from_checkpoint(ckpt_dir: str | Path, network: str = "net") -> dic
     if not out:
         raise ValueError(f"checkpoint {str(ckpt_dir)!r} holds no EMA of network {network!r}")
     return out
+
+
+def latest_checkpoint_of(root: str | Path) -> Path | None:
+    """The checkpoint directory ``root/latest`` names (None when there is none yet)."""
+    from fastgen.train.checkpoint import latest_checkpoint  # moves to fastgen.io with the checkpoint I/O
+
+    return latest_checkpoint(root)
 
 
 def _main(argv: list[str] | None = None) -> int:  # pragma: no cover - used by scripts/

@@ -1,0 +1,263 @@
+"""The file loaders behind :func:`fastgen.models.sources.load_model` (zoo, runs, students, pipelines).
+
+Each returns a :class:`~fastgen.models.sources.LoadedModel`; callers use ``load_model``, never these.
+Nothing read from a file is imported or called: networks and wrappers are registry names
+(:mod:`fastgen.models.registry`), Diffusers classes are resolved by Diffusers itself from
+``model_index.json`` and weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastgen.models import zoo
+from fastgen.models.sources import LoadedModel, frozen
+
+STUDENT_FORMAT = "fastgen-one-step-student"
+_EDM_RANGE = {"sigma_min": 0.002, "sigma_max": 80.0}  # EDM's range: what fastgen's own models train on
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable JSON file: {err}") from err
+    if not isinstance(doc, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object")
+    return doc
+
+
+def _range_of(den: Any, spec: dict[str, Any] | None) -> tuple[float, float]:
+    """Sigma range: the denoiser's own (EDM, VP adapters), else the spec's, else EDM's (0.002, 80)."""
+    spec = spec or {}
+    lo = getattr(den, "sigma_min", None)
+    hi = getattr(den, "sigma_max", None)
+    lo = float(lo if lo is not None else spec.get("sigma_min", _EDM_RANGE["sigma_min"]))
+    hi = float(hi if hi is not None else spec.get("sigma_max", _EDM_RANGE["sigma_max"]))
+    return lo, hi
+
+
+def _from_info(model: Any, info: dict[str, Any], name: str, kind: str, shape: tuple[int, ...],
+               extra: dict[str, Any]) -> LoadedModel:
+    """A LoadedModel from a built zoo-style model and its JSON (``network``/``denoiser`` sections)."""
+    from fastgen.models.onestep import OneStepStudent
+    from fastgen.models.shortcut import ShortcutDenoiser
+
+    n_cls = info.get("network", {}).get("num_classes")
+    common = dict(name=name, shape=shape, num_classes=int(n_cls) if n_cls else None,
+                  conditioning="class" if n_cls else "none", info=extra,
+                  config={"network": info.get("network"), "denoiser": info.get("denoiser"), "shape": list(shape)})
+    spec = info.get("denoiser") or {}
+    if isinstance(model, OneStepStudent):
+        lo, hi = _range_of(model.net, spec.get("wrap"))
+        return LoadedModel(kind="student", generator=model, sigma_min=lo, sigma_max=hi, **common)
+    lo, hi = _range_of(model, spec)
+    if isinstance(model, ShortcutDenoiser):
+        return LoadedModel(kind="shortcut", denoiser=model, shortcut=model.model, sigma_min=lo, sigma_max=hi,
+                           **common)
+    return LoadedModel(kind=kind, denoiser=model, sigma_min=lo, sigma_max=hi, **common)
+
+
+def _shape_from_info(info: dict[str, Any], where: str) -> tuple[int, ...]:
+    shape = info.get("sample_shape")
+    if not shape:
+        raise ValueError(f"{where} has no 'sample_shape' (the per-sample shape, e.g. [1, 8, 8])")
+    return tuple(int(s) for s in shape)
+
+
+def load_zoo(name: str, device: Any) -> LoadedModel:
+    """A zoo model by name (``NAME.json`` declares ``sample_shape`` and, for GFT, ``method.name``)."""
+    info = zoo.model_info(name)
+    model = zoo.load(name, device=device)
+    kind = "gft" if (info.get("method") or {}).get("name") == "gft" else "teacher"
+    return _from_info(model, info, name, kind, _shape_from_info(info, f"zoo model {name!r}"),
+                      {"zoo": name, "card": zoo.model_card(name)[:200]})
+
+
+# ------------------------------------------------------------------------------------------ students
+
+
+def is_student(path: Path) -> bool:
+    """True for ``X.safetensors``/``X.json`` of a student, or a directory holding ``student.json``."""
+    return _student_json(path) is not None
+
+
+def _student_json(path: Path) -> Path | None:
+    if path.is_dir():
+        path = path / "student.json"
+    elif path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix(".json")
+    else:
+        return None
+    if not path.is_file():
+        return None
+    try:
+        return path if json.loads(path.read_text()).get("format") == STUDENT_FORMAT else None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def load_student_files(path: Path, device: Any, name: str) -> LoadedModel:
+    """A student written by ``save_student`` (``student.json`` + ``student.safetensors``)."""
+    meta = _student_json(path)
+    weights = meta.with_suffix(".safetensors")
+    if not weights.is_file():
+        raise FileNotFoundError(f"student weights not found: {str(weights)!r} (next to {str(meta)!r})")
+    info = _read_json(meta)
+    model = zoo.build_model(info, weights, device=device, where=str(meta))
+    return _from_info(model, info, name, "student", _shape_from_info(info, str(meta)), {"student": str(meta)})
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def run_and_checkpoint(path: Path) -> tuple[Path, Path | None] | None:
+    """``(run_dir, checkpoint_dir or None)`` for a run directory, ``RUN/checkpoints/latest`` or a
+    ``RUN/checkpoints/step_*`` folder; None when ``path`` is none of these."""
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return path, zoo.latest_checkpoint_of(path / "checkpoints")
+    if path.name == "latest" and path.is_file() and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent, zoo.latest_checkpoint_of(path.parent)
+    if path.is_dir() and (path / "state.json").is_file() and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent, path
+    return None
+
+
+def _run_shape(cfg: dict[str, Any]) -> tuple[int, ...]:
+    method, data = cfg.get("method") or {}, cfg.get("data") or {}
+    if method.get("sample_shape"):
+        return tuple(int(s) for s in method["sample_shape"])
+    if data.get("name") == "digits":
+        return (64,) if data.get("flatten") else (1, 8, 8)
+    if data.get("name") == "mixture":
+        opts = dict(data.get("mixture_options") or {})
+        return (int(opts.get("dim", 2)),)
+    raise ValueError(f"cannot tell the sample shape of a run on data {data.get('name')!r}; "
+                     "set method.sample_shape in its config.yaml")
+
+
+def _run_wrapper(method: dict[str, Any]) -> dict[str, Any]:
+    name = method.get("name", "edm")
+    if name in ("edm", "gft"):
+        keys = ("sigma_data", "sigma_min", "sigma_max")
+        return {"type": "edm", **{k: float(method[k]) for k in keys if k in method}}
+    if name == "flow":
+        return {"type": "flow"}
+    if name == "shortcut":
+        return {"type": "shortcut", "max_steps": int(method.get("max_steps", 128))}
+    raise ValueError(f"runs of method {name!r} are not loadable; accepted: edm, flow, gft, shortcut, fdistill")
+
+
+def load_run(run: Path, ckpt: Path | None, device: Any, name: str) -> LoadedModel:
+    """The EMA network of a training run (a checkpoint of it, or its latest)."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    method = dict(cfg.get("method") or {})
+    if method.get("name") == "fdistill":
+        if ckpt is None or ckpt == zoo.latest_checkpoint_of(run / "checkpoints"):
+            if (run / "student.json").is_file():
+                return load_student_files(run / "student.json", device, name)
+        raise ValueError(f"{name!r} is an f-distill run: sample its exported student ({run / 'student.safetensors'});"
+                         " intermediate checkpoints of a distillation are not loadable")
+    if ckpt is None:
+        raise FileNotFoundError(f"run {str(run)!r} has no checkpoint yet (checkpoints/latest is missing)")
+    net_spec = dict(cfg.get("network") or {})
+    info = {"network": net_spec, "denoiser": _run_wrapper(method), "sample_shape": list(_run_shape(cfg))}
+    model = zoo.build_model(info, zoo.ema_state_from_checkpoint(ckpt, "net"), device=device, where=str(run))
+    kind = "gft" if method.get("name") == "gft" else "teacher"
+    loaded = _from_info(model, {**info, "method": method}, name, kind, tuple(info["sample_shape"]),
+                        {"run": str(run), "checkpoint": str(ckpt)})
+    loaded.config["method"] = method
+    return loaded
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+
+
+def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
+    """A local Diffusers pipeline folder: UNet2DModel (DDPM), SD-style UNet2DConditionModel + CLIP + VAE,
+    SD3-style flow transformer. Prompts are encoded with the pipeline's own ``encode_prompt``."""
+    from diffusers import DiffusionPipeline
+
+    from fastgen.core.denoiser import from_diffusers
+    from fastgen.core.schedules import diffusers_table, is_flow_config
+
+    index = _read_json(path / "model_index.json")
+    # Components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly.
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **absent)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot load the Diffusers pipeline folder {str(path)!r}: {err}") from err
+    pipe.set_progress_bar_config(disable=True)
+    net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if net is None:
+        raise ValueError(f"{str(path)!r} ({type(pipe).__name__}) has neither a unet nor a transformer")
+    if "Flux" in type(net).__name__:
+        raise ValueError(f"{str(path)!r}: Flux pipelines (packed latents) are not served by load_model yet; "
+                         "accepted: UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel pipelines")
+    frozen(net, device)
+    sched_cfg = dict(pipe.scheduler.config)
+    den = from_diffusers(net, sched_cfg)
+    if is_flow_config(sched_cfg):
+        table = diffusers_table(sched_cfg, int(sched_cfg.get("num_train_timesteps", 1000)))
+        pos = table[table > 0]
+        lo, hi = float(pos.min()), float(pos.max())
+    else:
+        lo, hi = float(den.sigma_min), float(den.sigma_max)
+    c = net.config
+    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    shape = (int(c.in_channels), int(size), int(size))
+    text = getattr(pipe, "text_encoder", None) is not None
+    n_cls = getattr(c, "num_class_embeds", None)
+    vae = getattr(pipe, "vae", None)
+    loaded = LoadedModel(
+        name=name, kind="teacher", shape=shape, sigma_min=lo, sigma_max=hi,
+        conditioning="prompt" if text else ("class" if n_cls else "none"), num_classes=n_cls,
+        denoiser=den, config={"pipeline": type(pipe).__name__, "model": dict(c), "scheduler": sched_cfg},
+        info={"pipeline": pipe, "path": str(path)},
+    )
+    if text:
+        for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, part, None) is not None:
+                frozen(getattr(pipe, part), device)
+        loaded.encode_prompt = _prompt_encoder(pipe, device)
+    if vae is not None:
+        frozen(vae, device)
+        loaded.decoder = _vae_decoder(vae)
+    return loaded
+
+
+def _prompt_encoder(pipe: Any, device: Any):
+    """``texts -> condition keywords`` of the pipeline's denoiser network (no grad, detached)."""
+    sd3 = "StableDiffusion3" in type(pipe).__name__
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        if sd3:
+            emb, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
+                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": emb.detach(), "pooled_projections": pooled.detach()}
+        emb, _ = pipe.encode_prompt(texts, device, 1, False)
+        return {"encoder_hidden_states": emb.detach()}
+
+    return encode
+
+
+def _vae_decoder(vae: Any):
+    """Latents -> images: ``vae.decode(z / scaling_factor + shift_factor)`` (SD: shift 0)."""
+    scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+    shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+
+    @torch.no_grad()
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        p = next(vae.parameters())
+        out = vae.decode((z / scale + shift).to(device=p.device, dtype=p.dtype)).sample
+        return out.to(z.dtype)
+
+    return decode
