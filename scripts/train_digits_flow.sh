@@ -52,7 +52,7 @@ wall += prev
 table = "\n".join(f"| {n} | {fd:.3f} | {fd / fd_real:.2f}x | {acc:.3f} |" for n, fd, acc in rows)
 card = f"""# digits-flow: class-conditional flow-matching digits model
 
-`fastgen.models.load("digits-flow")` returns a `FlowVelocityDenoiser` (EDM contract `D(x, sigma,
+`fastgen.models.load("digits-flow")` returns a `RectifiedFlowDenoiser` (EDM contract `D(x, sigma,
 class_labels=None)`); `.net(x_t, t, class_labels=...)` is the rectified-flow velocity (t = 0 noise,
 t = 1 data, `x_t = (1 - t) noise + t x1`). The flow-matching baseline of the shortcut benchmark.
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastgen.core.denoiser import EDMDenoiser
+from fastgen.core.denoiser import EDMDenoiser, RectifiedFlowDenoiser
 from fastgen.data.toy import ring_mixture
 from fastgen.train.edm import EDMMethod, drop_labels, edm_loss
-from fastgen.train.flow import FlowMatchingMethod, FlowVelocityDenoiser, flow_matching_loss
+from fastgen.train.flow import FlowMatchingMethod, flow_matching_loss
 
 
 class AffineNet(nn.Module):
@@ -143,5 +143,5 @@ def test_flow_velocity_denoiser_is_exact_for_the_exact_velocity():
 
     x = torch.randn(50, 2, dtype=torch.float64) * 3
     for sigma in (0.05, 1.0, 20.0):
-        d = FlowVelocityDenoiser(ExactVelocity())(x, sigma)
+        d = RectifiedFlowDenoiser(ExactVelocity())(x, sigma)
         assert torch.allclose(d, exact(x, sigma), atol=1e-10)

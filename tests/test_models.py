@@ -115,13 +115,13 @@ def test_digits_teacher_generates_the_requested_classes():
 
 @pytest.mark.skipif("digits-flow" not in list_models(), reason="digits-flow weights not shipped")
 def test_digits_flow_model_through_the_zoo():
-    """The flow model loads as a FlowVelocityDenoiser; 8 Euler steps in t give the requested classes,
+    """The flow model loads as a RectifiedFlowDenoiser; 8 Euler steps in t give the requested classes,
     and its EDM-contract view is the velocity converted exactly (D = x_t + (1 - t) v)."""
+    from fastgen.core.denoiser import RectifiedFlowDenoiser
     from fastgen.metrics.digits import digits_logits
-    from fastgen.train.flow import FlowVelocityDenoiser
 
     m = load("digits-flow")
-    assert isinstance(m, FlowVelocityDenoiser)
+    assert isinstance(m, RectifiedFlowDenoiser)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(200) % 10
     x = torch.randn(200, 1, 8, 8, generator=g)

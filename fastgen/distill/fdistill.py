@@ -46,6 +46,7 @@ from fastgen.distill import divergences
 from fastgen.distill.discriminator import FeatureDiscriminator, FeatureTap, XSigmaDiscriminator
 from fastgen.distill.ratio import RatioBins, discriminator_loss, logit_to_ratio, normalise_h
 from fastgen.distill.student import OneStepStudent
+from fastgen.samplers.guidance import guidance_combine
 
 PLACEMENTS = ("teacher", "fake_score", "input")
 FAKE_WEIGHTINGS = ("none", "edm")
@@ -387,7 +388,7 @@ class FDistill:
             uncond["class_labels"] = torch.full_like(cond["class_labels"], self.config.null_label)
         with torch.no_grad():
             d_u = self.teacher(x_t, sigma, **uncond)
-        return d + (w - 1.0) * (d - d_u)
+        return guidance_combine(d, d_u, w)
 
     def _logits(
         self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any], net: nn.Module

@@ -48,7 +48,8 @@ def _check_w(w: float, name: str = "w") -> float:
 
 
 def guidance_combine(strong: torch.Tensor, weak: torch.Tensor, w: float) -> torch.Tensor:
-    """``weak + w * (strong - weak)``: the affine guidance combination shared by every wrapper."""
+    """``weak + w * (strong - weak)``: the one guidance formula (CFG, ICG, TSG here; f-distill's CFG teacher;
+    shortcut training's bootstrap CFG). ``w = 1`` is ``strong`` up to rounding; ``w = 0`` is ``weak``."""
     return weak + w * (strong - weak)
 
 

@@ -6,7 +6,7 @@ Convention (the shortcut card's): ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1``
     L = mean_rows mean_pixels (net(x_t, t, label) - (x1 - x0))^2,     t ~ U(0, 1) or logit-normal.
 
 In the VE sigma-space of fastgen's core, ``sigma = (1 - t)/t`` and ``x = x_t / t``; a trained flow net
-becomes an EDM-contract denoiser with :class:`FlowVelocityDenoiser`:
+becomes an EDM-contract denoiser with :class:`fastgen.core.denoiser.RectifiedFlowDenoiser`:
 ``D(x, sigma) = E[x1 | x_t] = x_t + (1 - t) v(x_t, t)`` with ``t = 1/(1 + sigma)``, ``x_t = t x``.
 """
 
@@ -22,7 +22,7 @@ from fastgen.core.denoiser import RectifiedFlowDenoiser
 from fastgen.train.edm import drop_labels
 from fastgen.train.method import SingleNetworkMethod, register_method
 
-__all__ = ["FlowMatchingMethod", "FlowVelocityDenoiser", "flow_matching_loss"]
+__all__ = ["FlowMatchingMethod", "flow_matching_loss"]
 
 T_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -39,10 +39,6 @@ def flow_matching_loss(
     v = net(xt, t, **cond)
     dt = torch.promote_types(x1.dtype, torch.float32)
     return ((v.to(dt) - (x1 - x0).to(dt)) ** 2).reshape(x1.shape[0], -1).mean(dim=1).mean()
-
-
-#: The flow model's denoiser: the core's rectified-flow adapter (t = 0 noise, t = 1 data).
-FlowVelocityDenoiser = RectifiedFlowDenoiser
 
 
 class FlowMatchingMethod(SingleNetworkMethod):
@@ -100,9 +96,9 @@ class FlowMatchingMethod(SingleNetworkMethod):
         self.last_logs = {}
         return {"main": flow_matching_loss(self.net, x1, x0, t, **cond)}
 
-    def sampling_denoiser(self, net: nn.Module | None = None) -> FlowVelocityDenoiser:
-        """The EDM-contract denoiser of ``net`` (e.g. the EMA copy) or the training net."""
-        return FlowVelocityDenoiser(net if net is not None else self.net)
+    def sampling_denoiser(self, net: nn.Module | None = None) -> RectifiedFlowDenoiser:
+        """The EDM-contract denoiser (rectified-flow adapter) of ``net`` (e.g. the EMA copy) or the training net."""
+        return RectifiedFlowDenoiser(net if net is not None else self.net)
 
 
 def from_config(cfg: Any) -> FlowMatchingMethod:

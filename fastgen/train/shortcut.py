@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from fastgen.models.shortcut import ShortcutNet, num_levels
+from fastgen.samplers.guidance import guidance_combine
 from fastgen.train.method import register_method
 
 __all__ = ["ShortcutMethod", "ShortcutNet", "assign_levels", "bootstrap_target", "from_config"]
@@ -111,7 +112,7 @@ def bootstrap_target(
             vc = v[m]
             vu = model(x[m], tt[m], half[m], **{**sub, **un})
             v = v.clone()
-            v[m] = vu + cfg_scale * (vc - vu)
+            v[m] = guidance_combine(vc, vu, cfg_scale)
         return v
 
     v1 = vel(x_t, t)
