@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
+from fastgen.core.denoiser import PREDICTION_TYPES as VP_PREDICTION_TYPES
 from fastgen.core.schedules import is_flow_config
 
 STATE_SPACES = ("ve", "vp", "flow")
 #: What a fastgen scheduler's ``prediction_type`` may be: the VP adapter's three plus flow velocity.
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+PREDICTION_TYPES = (*VP_PREDICTION_TYPES, "flow")
 #: ``beta_schedule`` values (those of Diffusers' DDPM plus Heun's ``"exp"``).
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
 
