@@ -211,7 +211,7 @@ def load_models():
     scripts/distill_digits.sh) and the first shipped digits student."""
     import os
 
-    from fastgen.distill.fdistill import build_teacher
+    from fastgen.distill.teacher import build_teacher
     from fastgen.models import zoo
 
     names = zoo.list_models()
