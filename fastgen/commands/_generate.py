@@ -8,6 +8,7 @@ Latent pipelines return decoded images in [-1, 1].
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,12 @@ def resolve_schedule(spec: SampleSpec, model: LoadedModel, solver: str):
                 f"schedule {str(path)!r} was made for model {sched.model!r}, not {Path(model.name).name!r}; "
                 "a schedule is tied to the model it was learned on"
             )
+        recorded = (sched.meta.get("model_identity") or {}).get("fingerprint")
+        if recorded and recorded != model.identity()["fingerprint"] and not spec.allow_schedule_range:
+            raise ValueError(
+                f"schedule {str(path)!r} was learned for a model with fingerprint {recorded[:12]}..., not this "
+                f"{model.name!r} ({model.identity()['fingerprint'][:12]}...); pass --allow-schedule-range to run it"
+            )
         if sched.solver is not None and sched.solver != solver:
             raise ValueError(
                 f"schedule {str(path)!r} was learned for solver {sched.solver!r}; run it with "
@@ -122,13 +129,95 @@ def _check_spec(spec: SampleSpec, model: LoadedModel) -> str:
         raise ValueError(f"{model.name} is a shortcut model: use --sampler shortcut (got {sampler!r})")
     if sampler in ("shortcut", "student") and model.kind != sampler:
         raise ValueError(f"--sampler {sampler} needs a {sampler} model; {model.name} is a {model.kind} model")
+    if model.kind == "shortcut" and spec.guidance != 1.0:
+        raise ValueError(f"--guidance does not apply to {model.name}: the shortcut sampler has no CFG (accepted: 1)")
     if model.kind == "student" and spec.guidance != 1.0:
         raise ValueError(f"--guidance does not apply to {model.name}: a one-step student has no CFG (accepted: 1)")
     _unconditional_guidance(spec, model)
     return sampler
 
 
+#: Most samples one ``fastgen sample`` run makes (the per-sample condition tensors are O(--num)).
+MAX_NUM = 10_000_000
+_ADVANCE_CHUNK = 1 << 22  # a multiple of 16 (see _noise_batches)
+
+
+def _noise_batches(n: int, shape: tuple[int, ...], batch_size: int, seed: int
+                   ) -> tuple[Iterator[torch.Tensor], torch.Generator]:
+    """Noise batches equal to slices of ``torch.randn(n, *shape)`` and the generator left after that draw.
+
+    torch's CPU normal sampler consumes its stream in blocks of 16 values, so when every batch holds a
+    multiple of 16 values, drawing batch by batch gives bit-identical noise to one draw of all ``n``
+    (without holding it); a second generator is advanced past the ``n`` draws in fixed chunks for the
+    sampler's own noise (Restart), as before. Other shapes fall back to the one-shot draw (O(n) memory).
+    """
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    last = n - (n - 1) // batch_size * batch_size
+    if (batch_size * numel) % 16 or (last * numel) % 16:
+        gen = torch.Generator().manual_seed(seed)
+        noise_all = torch.randn(n, *shape, generator=gen)
+        return (noise_all[i : i + batch_size] for i in range(0, n, batch_size)), gen
+    noise_gen = torch.Generator().manual_seed(seed)
+    run_gen = torch.Generator().manual_seed(seed)
+    left = n * numel
+    while left > 0:
+        k = min(left, _ADVANCE_CHUNK)
+        torch.randn(k, generator=run_gen)
+        left -= k
+    return (torch.randn(min(batch_size, n - i), *shape, generator=noise_gen) for i in range(0, n, batch_size)), run_gen
+
+
 @torch.no_grad()
+def iter_generate(
+    model: LoadedModel,
+    spec: SampleSpec,
+    n: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    class_label: str | int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Iterator[tuple[torch.Tensor, float]]:
+    """Like :func:`generate`, but yields ``(batch of samples, NFE per sample)`` as each batch is made, so a
+    caller can stream them to disk; the noise is the same as :func:`generate`'s (same seed, same samples).
+
+    Raises:
+        ValueError: bad ``n``/``batch_size`` (names ``--num``/``--batch-size``), ``n > MAX_NUM``.
+        FloatingPointError: a batch came out non-finite (names the model and the batch).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--num must be an integer >= 1, got {n!r}")
+    if n > MAX_NUM:
+        raise ValueError(f"--num {n} is more than {MAX_NUM} samples per run; split it over runs with different --seed")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    sampler = _check_spec(spec, model)
+    noise_iter, gen = _noise_batches(n, tuple(model.shape), batch_size, seed)
+    label = spec.class_label if class_label is None else class_label
+    cond_w = 1.0 if model.kind == "gft" else spec.guidance
+    cond_all, uncond_all = model.condition(
+        n, class_labels=label if model.conditioning == "class" else None, prompts=spec.prompts,
+        negative_prompt=spec.negative_prompt, guidance=cond_w, device="cpu")
+    run = _build_runner(model, spec, sampler, gen, device)
+    for i in tqdm(range(0, n, batch_size), desc=f"{Path(model.name).name}:{sampler}", disable=not progress,
+                  leave=False):
+        noise = next(noise_iter).to(device)
+        cond = _slice(cond_all, i, batch_size, device)
+        uncond = None if uncond_all is None else _slice(uncond_all, i, batch_size, device)
+        x, c = run(noise, cond, uncond)
+        x = model.decode(x).cpu() if model.latent else x.cpu()
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+            raise FloatingPointError(
+                f"{model.name} ({sampler}) produced NaN/Inf in {bad} of the {x.shape[0]} samples of batch "
+                f"{i // batch_size} (samples {i}..{i + x.shape[0] - 1}); check the model's weights; nothing more "
+                "is written"
+            )
+        yield x, c
+
+
 def generate(
     model: LoadedModel,
     spec: SampleSpec,
@@ -142,28 +231,11 @@ def generate(
     """``n`` samples ``(n, *image shape)`` in [-1, 1] (decoded for latent pipelines) and the NFE per sample.
 
     ``class_label`` (if given) overrides ``spec.class_label``. Conditions come from
-    :meth:`LoadedModel.condition` (computed once, detached)."""
-    if n < 1:
-        raise ValueError(f"--num must be >= 1, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    sampler = _check_spec(spec, model)
-    gen = torch.Generator().manual_seed(seed)
-    noise_all = torch.randn(n, *model.shape, generator=gen)
-    label = spec.class_label if class_label is None else class_label
-    cond_w = 1.0 if model.kind == "gft" else spec.guidance
-    cond_all, uncond_all = model.condition(
-        n, class_labels=label if model.conditioning == "class" else None, prompts=spec.prompts,
-        negative_prompt=spec.negative_prompt, guidance=cond_w, device="cpu")
-    run = _build_runner(model, spec, sampler, gen, device)
+    :meth:`LoadedModel.condition` (computed once, detached). Holds all ``n`` samples: for many, stream
+    :func:`iter_generate` instead."""
     out, calls = [], 0.0
-    for i in tqdm(range(0, n, batch_size), desc=f"{Path(model.name).name}:{sampler}", disable=not progress,
-                  leave=False):
-        noise = noise_all[i : i + batch_size].to(device)
-        cond = _slice(cond_all, i, batch_size, device)
-        uncond = None if uncond_all is None else _slice(uncond_all, i, batch_size, device)
-        x, c = run(noise, cond, uncond)
-        out.append(model.decode(x).cpu() if model.latent else x.cpu())
+    for x, c in iter_generate(model, spec, n, seed, batch_size, class_label, device, progress):
+        out.append(x)
         calls = c
     return torch.cat(out), calls
 

@@ -8,11 +8,14 @@ Examples::
     fastgen schedule dp --model ring-mixture --solver ipndm --nfe 4 6 8 --out dp_{nfe}.json
     fastgen schedule show ld3.json
 
-Models (``--model``): ``digits-edm`` (the shipped class-conditional digits teacher, random classes),
-``digits-empirical`` (the exact denoiser of the 898 train digits with kernel width 0.25, a smooth
-stand-in), ``ring-mixture`` (8 Gaussians on a circle, exact). The written JSON is a
-:class:`fastgen.samplers.schedule.Schedule`, usable with ``FastgenScheduler.from_config(...,
-schedule=PATH)``.
+Models (``--model``): anything :func:`fastgen.models.load_model` serves that has a denoiser (zoo
+teachers such as ``digits-edm``, training runs, local Diffusers pipeline folders of every family,
+mixture specs such as ``ring-mixture``), plus ``digits-empirical`` (the exact denoiser of the 898
+train digits with kernel width 0.25, a smooth stand-in). Text pipelines take ``--prompt``/``--prompts
+FILE`` (cycled over the noises; encoded once, detached). AYS needs data: the digits for ``digits-*`` zoo
+models, mixture samples for mixtures, otherwise samples of the model itself (Heun, 32 steps). The
+written JSON is a :class:`fastgen.samplers.schedule.Schedule` that records the model identity and sigma
+range (``meta.model_identity``), usable with ``FastgenScheduler.from_config(..., schedule=PATH)``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 
-MODELS = ("digits-edm", "digits-empirical", "ring-mixture")
+MODELS = ("digits-edm", "digits-empirical", "ring-mixture")  # examples; any load_model source works
 
 
 @dataclass
@@ -33,11 +36,13 @@ class TestBed:
 
     name: str
     denoiser: Any
-    data: torch.Tensor  # (N, ...) samples of the data distribution (AYS)
+    data: torch.Tensor | None  # (N, ...) samples of the data distribution (AYS); None: drawn on demand
     labels: torch.Tensor | None  # (N,) class labels of ``data`` or None
     shape: tuple[int, ...]  # per-sample shape
     num_classes: int | None  # class-conditional models: labels drawn uniformly
     dtype: torch.dtype
+    model: Any = None  # the LoadedModel (None for digits-empirical)
+    prompts: list[str] | None = None
 
     def noise(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` unit Gaussian noises and (for class-conditional models) uniform random labels."""
@@ -47,30 +52,54 @@ class TestBed:
             labels = torch.randint(0, self.num_classes, (n,), generator=generator)
         return z, labels
 
+    def cond(self, n: int) -> dict[str, Any]:
+        """Prompt conditions for ``n`` noises (text models; computed once under no_grad, detached)."""
+        if self.model is None or self.model.conditioning != "prompt":
+            if self.prompts is not None:
+                raise ValueError(f"--prompt/--prompts do not apply to {self.name} (it takes no prompts)")
+            return {}
+        return self.model.condition(n, prompts=self.prompts)[0]
 
-def load_testbed(name: str, bandwidth: float = 0.25) -> TestBed:
-    """Build the named test bed; ValueError for unknown names or a missing digits teacher."""
+    def identity(self) -> dict[str, Any] | None:
+        return None if self.model is None else self.model.identity()
+
+
+def load_testbed(name: str, bandwidth: float = 0.25, prompts: list[str] | None = None) -> TestBed:
+    """Build the test bed of ``name`` (``digits-empirical`` or any :func:`load_model` source)."""
     from fastgen.core.denoiser import EmpiricalDenoiser
     from fastgen.data import load_digits_split
-    from fastgen.data.toy import ring_mixture
+    from fastgen.models import load_model
 
-    if name == "ring-mixture":
-        mix = ring_mixture()
-        data, _ = mix.sample(4096, torch.Generator().manual_seed(0), dtype=torch.float64)
-        return TestBed(name, mix.denoiser(), data, None, (2,), None, torch.float64)
-    digits = load_digits_split("train")
     if name == "digits-empirical":
-        data = digits.images.double()
+        data = load_digits_split("train").images.double()
         return TestBed(name, EmpiricalDenoiser(data, bandwidth=bandwidth), data, None, (1, 8, 8), None,
-                       torch.float64)
-    if name == "digits-edm":
-        try:
-            from fastgen.models import zoo
-        except ImportError as err:  # pragma: no cover - the zoo ships with fastgen
-            raise ValueError("the model zoo (fastgen.models.zoo) is not available") from err
-        den = zoo.load("digits-edm")
-        return TestBed(name, den, digits.images.float(), digits.labels, (1, 8, 8), 10, torch.float32)
-    raise ValueError(f"--model must be one of {MODELS}, got {name!r}")
+                       torch.float64, prompts=prompts)
+    m = load_model(name)
+    if m.denoiser is None or m.kind in ("student", "shortcut"):
+        raise ValueError(f"--model {name}: a {m.kind} model has no ODE to schedule; give a teacher, a pipeline "
+                         "folder or a mixture")
+    ident = m.identity()["name"]
+    if m.kind == "exact":
+        mix = m.info["mixture"]
+        data, _ = mix.sample(4096, torch.Generator().manual_seed(0), dtype=torch.float64)
+        return TestBed(ident, m.denoiser, data, None, m.shape, None, torch.float64, m, prompts)
+    data = labels = None
+    if ident.startswith("digits-") and m.shape == (1, 8, 8) and name == ident:
+        digits = load_digits_split("train")
+        data, labels = digits.images.float(), digits.labels
+    return TestBed(ident, m.denoiser, data, labels, m.shape, m.num_classes, torch.float32, m, prompts)
+
+
+def _model_samples(bed: TestBed, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """AYS data for models without a data set: ``n`` samples of the model itself (Heun, 32 steps)."""
+    from fastgen.core.schedules import karras
+    from fastgen.core.solvers import heun
+
+    z, labels = bed.noise(n, generator)
+    sig = karras(32, bed.model.sigma_min, bed.model.sigma_max).to(bed.dtype)
+    cond = {**bed.cond(n), **({} if labels is None else {"class_labels": labels})}
+    with torch.no_grad():
+        return heun(bed.denoiser, z * sig[0], sig, **cond), labels
 
 
 def _common(p: argparse.ArgumentParser, multi_nfe: bool = False) -> None:
@@ -84,6 +113,8 @@ def _common(p: argparse.ArgumentParser, multi_nfe: bool = False) -> None:
     p.add_argument("--sigma-max", type=float, default=None, help="largest sigma (VE; default model's or 80)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("--out", required=True, help="output JSON path" + (" ('{nfe}' is replaced)" if multi_nfe else ""))
+    p.add_argument("--prompt", action="append", default=None, help="text pipelines: a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="text pipelines: prompts, one per line")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -132,7 +163,43 @@ def _cond(labels: torch.Tensor | None) -> dict[str, Any]:
     return {} if labels is None else {"class_labels": labels}
 
 
-def _finish(sched: Any, out: str) -> int:
+def _check_common(args: argparse.Namespace) -> None:
+    """Refuse an unknown --solver, an NFE the solver cannot make, or an unwritable --out before any work."""
+    from fastgen.core.solvers import SOLVERS, steps_for_nfe
+    from fastgen.io.paths import check_output_path
+
+    if args.solver not in SOLVERS:
+        raise ValueError(f"--solver must be one of {', '.join(sorted(SOLVERS))}, got {args.solver!r}")
+    for n in args.nfe if isinstance(args.nfe, list) else [args.nfe]:
+        try:
+            steps_for_nfe(args.solver, n)
+        except ValueError as err:
+            raise ValueError(f"--nfe {n} with --solver {args.solver}: {err}") from None
+    check_output_path(args.out.replace("{nfe}", "0"), "--out")
+
+
+def _bed(args: argparse.Namespace) -> TestBed:
+    from fastgen.commands.sample import _prompts
+
+    return load_testbed(args.model, prompts=_prompts(args))
+
+
+def _range(args: argparse.Namespace, bed: TestBed) -> tuple[float | None, float | None]:
+    """The schedule's sigma range: the flags, else the model's own (None: the optimiser's default)."""
+    lo, hi = args.sigma_min, args.sigma_max
+    if bed.model is not None:
+        lo = bed.model.sigma_min if lo is None else lo
+        hi = bed.model.sigma_max if hi is None else hi
+    return lo, hi
+
+
+def _finish(sched: Any, out: str, bed: TestBed | None = None) -> int:
+    from fastgen.io.paths import check_output_path
+
+    check_output_path(out, "--out")
+    if bed is not None and bed.identity() is not None:
+        sched.meta["model_identity"] = bed.identity()
+        sched.meta["model_sigma_range"] = list(bed.model.sigma_range)
     path = sched.save(out)
     print(sched.summary())
     print(f"wrote {path}")
@@ -148,28 +215,37 @@ def _run_ays(args: argparse.Namespace) -> int:
             sched.sigmas = sched.solver_sigmas(args.terminal)
             sched.meta["terminal"] = args.terminal
         return _finish(sched, args.out)
-    bed = load_testbed(args.model)
+    _check_common(args)
+    bed = _bed(args)
+    if bed.cond(1):
+        raise ValueError(f"--model {args.model}: AYS is not served for text-to-image models yet; use ld3 or dp")
     g = torch.Generator().manual_seed(args.seed)
-    knots = optimize_ays(bed.denoiser, bed.data, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+    data, labels = bed.data, bed.labels
+    if data is None:
+        data, labels = _model_samples(bed, max(args.samples, 64), g)
+    lo, hi = _range(args, bed)
+    knots = optimize_ays(bed.denoiser, data, sigma_min=lo, sigma_max=hi,
                          iterations=args.iterations, num_samples=args.samples, subdivisions=args.subdivisions,
-                         solver=args.solver, nfe=args.nfe, val_noise=args.val_noise, class_labels=bed.labels,
+                         solver=args.solver, nfe=args.nfe, val_noise=args.val_noise, class_labels=labels,
                          generator=g, progress=not args.no_progress, model_id=bed.name)
     sched = for_solver(knots, args.solver, args.nfe)
     sched.meta["knots"] = [float(v) for v in knots.sigmas]
-    return _finish(sched, args.out)
+    return _finish(sched, args.out, bed)
 
 
 def _run_ld3(args: argparse.Namespace) -> int:
     from fastgen.samplers.ld3 import learn_ld3
 
-    bed = load_testbed(args.model)
+    _check_common(args)
+    bed = _bed(args)
     g = torch.Generator().manual_seed(args.seed)
     noise, labels = bed.noise(args.num_noise, g)
-    sched = learn_ld3(bed.denoiser, noise, solver=args.solver, nfe=args.nfe, sigma_min=args.sigma_min,
-                      sigma_max=args.sigma_max, iterations=args.iterations, teacher_steps=args.teacher_steps,
+    lo, hi = _range(args, bed)
+    sched = learn_ld3(bed.denoiser, noise, solver=args.solver, nfe=args.nfe, sigma_min=lo,
+                      sigma_max=hi, iterations=args.iterations, teacher_steps=args.teacher_steps,
                       decoupled=not args.no_decoupled, class_labels=labels, generator=g,
-                      progress=not args.no_progress, model_id=bed.name)
-    return _finish(sched, args.out)
+                      progress=not args.no_progress, model_id=bed.name, **bed.cond(args.num_noise))
+    return _finish(sched, args.out, bed)
 
 
 def _run_dp(args: argparse.Namespace) -> int:
@@ -183,14 +259,17 @@ def _run_dp(args: argparse.Namespace) -> int:
             coeff = [float(c) for c in coeff.split(",")]
         except ValueError as err:
             raise ValueError(f"--coeff must be 'auto' or comma-separated numbers, got {args.coeff!r}") from err
-    bed = load_testbed(args.model)
+    _check_common(args)
+    bed = _bed(args)
     g = torch.Generator().manual_seed(args.seed)
     noise, labels = bed.noise(args.num_noise, g)
+    lo, hi = _range(args, bed)
     scheds = dp_schedules(bed.denoiser, noise, args.nfe, solver=args.solver, grid_size=args.grid_size,
-                          sigma_min=args.sigma_min, sigma_max=args.sigma_max, metric=args.metric.split(","),
-                          coeff=coeff, class_labels=labels, progress=not args.no_progress, model_id=bed.name)
+                          sigma_min=lo, sigma_max=hi, metric=args.metric.split(","), coeff=coeff,
+                          class_labels=labels, progress=not args.no_progress, model_id=bed.name,
+                          **bed.cond(args.num_noise))
     for nfe, sched in scheds.items():
-        _finish(sched, args.out.replace("{nfe}", str(nfe)))
+        _finish(sched, args.out.replace("{nfe}", str(nfe)), bed)
     return 0
 
 

@@ -1,0 +1,72 @@
+"""`fastgen schedule {ld3,dp,ays} --model PIPELINE_DIR` (issue 14 item 2-3): the schedule records the model
+identity and sigma range, `fastgen sample` runs it on that model and refuses it on another."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastgen.cli import main
+from fastgen.models import load_model
+from tests._tiny_models import tiny_unet, vp_scheduler_config
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from _tiny_pipelines import save_sd_pipeline
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    root = tmp_path_factory.mktemp("sched")
+    ddpm = root / "ddpm"
+    DDPMPipeline(unet=tiny_unet(seed=1, channels=1),
+                 scheduler=DDPMScheduler.from_config(vp_scheduler_config("linear"))).save_pretrained(str(ddpm))
+    return {"ddpm": ddpm, "sd": save_sd_pipeline(root / "sd")}
+
+
+def _schedule(*args: str) -> int:
+    return main(["schedule", *args, "--no-progress"])
+
+
+def test_ld3_on_a_text_pipeline_records_identity_and_runs(folders, tmp_path, capsys):
+    out = tmp_path / "ld3.json"
+    assert _schedule("ld3", "--model", str(folders["sd"]), "--prompt", "a cat", "--prompt", "a dog",
+                     "--solver", "euler", "--nfe", "3", "--num-noise", "6", "--iterations", "2",
+                     "--teacher-steps", "6", "--out", str(out)) == 0
+    doc = json.loads(out.read_text())
+    m = load_model(folders["sd"])
+    assert doc["meta"]["model_identity"] == m.identity()
+    assert doc["meta"]["model_sigma_range"] == list(m.sigma_range)
+    assert doc["sigmas"][0] == pytest.approx(m.sigma_max, rel=1e-6)  # learned inside the model's range
+    capsys.readouterr()
+    assert main(["sample", "--model", str(folders["sd"]), "--prompt", "a cat", "--sampler", "euler",
+                 "--schedule", str(out), "--num", "2", "--out", str(tmp_path / "x.npz"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nfe"] == 3
+    # The same schedule on another model (DDPM: a different config and range) is refused.
+    rc = main(["sample", "--model", str(folders["ddpm"]), "--sampler", "euler", "--schedule", str(out),
+               "--num", "1", "--out", str(tmp_path / "y.npz"), "--no-progress"])
+    assert rc == 2 and "was made for model 'sd'" in capsys.readouterr().err
+
+
+def test_dp_and_ays_on_an_unconditional_pipeline(folders, tmp_path):
+    m = load_model(folders["ddpm"])
+    assert _schedule("dp", "--model", str(folders["ddpm"]), "--solver", "euler", "--nfe", "3", "--num-noise", "4",
+                     "--grid-size", "6", "--out", str(tmp_path / "dp.json")) == 0
+    dp = json.loads((tmp_path / "dp.json").read_text())
+    assert dp["meta"]["model_identity"]["fingerprint"] == m.identity()["fingerprint"]
+    assert len(dp["sigmas"]) == 4 and dp["sigmas"][-1] == 0
+    assert _schedule("ays", "--model", str(folders["ddpm"]), "--solver", "euler", "--nfe", "3", "--iterations", "1",
+                     "--samples", "16", "--val-noise", "0", "--out", str(tmp_path / "ays.json")) == 0
+    ays = json.loads((tmp_path / "ays.json").read_text())
+    assert ays["meta"]["model_sigma_range"] == list(m.sigma_range)
+    pos = torch.tensor(ays["sigmas"][:-1], dtype=torch.float64)  # the table is float32: 1e-6 relative
+    assert float(pos.max()) <= m.sigma_max * (1 + 1e-6) and float(pos.min()) >= m.sigma_min * (1 - 1e-6)
+
+
+def test_schedule_refuses_students_and_prompts_that_do_not_apply(folders, tmp_path, capsys):
+    assert _schedule("ld3", "--model", "digits-fdistill-js", "--out", str(tmp_path / "a.json")) == 2
+    assert "no ODE to schedule" in capsys.readouterr().err
+    assert _schedule("ld3", "--model", str(folders["ddpm"]), "--prompt", "x", "--nfe", "3", "--solver", "euler",
+                     "--out", str(tmp_path / "b.json")) == 2
+    assert "do not apply" in capsys.readouterr().err
