@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastgen.io.checkpoint import latest_checkpoint, read_checkpoint
 from fastgen.train import Trainer, TrainingDiverged
-from fastgen.train.checkpoint import latest_checkpoint, read_checkpoint
 from fastgen.train.config import config_from_dict, load_config
 from fastgen.train.ema import ema_decay, make_ema
 

@@ -17,7 +17,7 @@ What the trainer owns (the method owns networks and losses, see :mod:`fastgen.tr
   mixed precision (``bf16`` autocast), EMA (:mod:`fastgen.train.ema`) of ``method.ema_networks()``.
 - **Safety:** a non-finite loss stops the run *before* the optimizer step with
   :class:`TrainingDiverged` naming the step and the last good checkpoint (which is kept).
-- **Records:** atomic checkpoints (:mod:`fastgen.train.checkpoint`) every ``checkpoint_every`` steps and
+- **Records:** atomic checkpoints (:mod:`fastgen.io.checkpoint`) every ``checkpoint_every`` steps and
   at the end, exact resume, a tqdm bar and a JSONL metrics log ``<output_dir>/metrics.jsonl``.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastgen.train import checkpoint as ckpt
+from fastgen.io import checkpoint as ckpt
 from fastgen.train.config import TrainConfig, config_to_dict, save_config
 from fastgen.train.ema import make_ema
 from fastgen.train.method import Method, build_method
