@@ -16,7 +16,6 @@ A model ``NAME`` is three files in ``fastgen/models/weights/`` (or another folde
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -164,7 +163,7 @@ def export_model(
 
 def ema_state_from_checkpoint(ckpt_dir: str | Path, network: str = "net") -> dict[str, torch.Tensor]:
     """The EMA weights of ``network`` from a trainer checkpoint directory (keys of the bare network)."""
-    from fastgen.train.checkpoint import read_checkpoint
+    from fastgen.io.checkpoint import read_checkpoint
 
     tensors, _ = read_checkpoint(ckpt_dir)
     prefix = f"ema/{network}.module."
@@ -176,38 +175,6 @@ def ema_state_from_checkpoint(ckpt_dir: str | Path, network: str = "net") -> dic
 
 def latest_checkpoint_of(root: str | Path) -> Path | None:
     """The checkpoint directory ``root/latest`` names (None when there is none yet)."""
-    from fastgen.train.checkpoint import latest_checkpoint  # moves to fastgen.io with the checkpoint I/O
+    from fastgen.io.checkpoint import latest_checkpoint
 
     return latest_checkpoint(root)
-
-
-def _main(argv: list[str] | None = None) -> int:  # pragma: no cover - used by scripts/
-    p = argparse.ArgumentParser(description="Export a run's EMA network into the model zoo.")
-    p.add_argument("cmd", choices=["export"])
-    p.add_argument("run_dir")
-    p.add_argument("name")
-    p.add_argument("--config", required=True)
-    p.add_argument("--weights-dir", default=None)
-    a = p.parse_args(argv)
-    from fastgen.train.checkpoint import latest_checkpoint
-    from fastgen.train.config import load_config
-
-    cfg = load_config(a.config)
-    ck = latest_checkpoint(Path(a.run_dir) / "checkpoints")
-    if ck is None:
-        raise FileNotFoundError(f"no checkpoint under {a.run_dir!r}")
-    net_kw = dict(cfg.network)
-    net = build_network(net_kw.pop("kind"), **net_kw)
-    net.load_state_dict(ema_state_from_checkpoint(ck))
-    kind = cfg.method["name"]
-    den = {"type": kind}
-    if kind == "edm":
-        den["sigma_data"] = cfg.method.get("sigma_data", 0.5)
-    out = export_model(net, a.name, cfg.network, den, weights_dir=a.weights_dir,
-                       extra={"checkpoint": str(ck), "method": cfg.method})
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())
