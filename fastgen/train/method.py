@@ -65,7 +65,7 @@ class Method(Protocol):
 #: Registered methods: name -> ``factory(cfg: TrainConfig) -> Method``. A factory builds its own networks
 #: (typically with ``fastgen.models.registry.build_network(**cfg.network)``) from the method kwargs
 #: ``method_kwargs(cfg)``. The built-in methods register themselves when their module is imported:
-#: ``edm``, ``flow``, ``shortcut`` and ``gft`` by :mod:`fastgen.train`, ``fdistill`` by :mod:`fastgen.distill`.
+#: ``edm``, ``flow``, ``shortcut`` and ``gft`` by this package, ``fdistill`` by the distillation package.
 _REGISTRY: dict[str, Callable[[Any], Method]] = {}
 
 
@@ -90,8 +90,8 @@ def build_method(cfg: Any) -> Method:
     name = cfg.method["name"]
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(
-            f"method.name must be one of {method_names()}, got {name!r} (methods outside fastgen.train register "
-            "when their package is imported, e.g. 'fdistill' with `import fastgen.distill`)"
+            f"method.name must be one of {method_names()}, got {name!r} (a method defined outside this "
+            "package is registered when its package is imported; the fastgen CLI imports all of them)"
         )
     return _REGISTRY[name](cfg)
 
