@@ -111,6 +111,25 @@ def test_model_json_module_path_refused(tmp_path, evil, name):
 
 
 @pytest.mark.parametrize("name", ["os:system", f"{EVIL}:run"])
+def test_load_model_and_cli_sample_refuse_a_student_naming_a_module_path(tmp_path, evil, capsys, name):
+    """An exported student folder handed over by someone else: ``load_model`` and ``fastgen sample``."""
+    from fastgen.models import load_model
+
+    d = tmp_path / "student"
+    d.mkdir()
+    net = ResidualMLP(in_dim=2, width=8, depth=1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(d / "student.safetensors"))
+    doc = {"format": "fastgen-one-step-student", "network": {"kind": "mlp", "in_dim": 2, "width": 8, "depth": 1},
+           "denoiser": {"type": name, "sigma": 80.0}, "sample_shape": [2]}
+    (d / "student.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="denoiser type must be one of"):
+        load_model(d)
+    out = tmp_path / "out"
+    assert cli_main(["sample", "--model", str(d), "--num", "2", "--out", str(out), "--no-progress"]) == 2
+    assert "denoiser type must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["os:system", f"{EVIL}:run"])
 def test_cli_train_refuses_module_path(tmp_path, evil, capsys, name):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(_cfg(tmp_path, method={"name": name})))
