@@ -32,10 +32,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "device", None) is not None:  # one resolver for every --device (cpu, cuda[:N], mps, auto)
+            from fastgen.io.devices import resolve_device
+
+            args.device = str(resolve_device(args.device))
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         print(f"fastgen {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # FileExistsError, NotADirectoryError, ...: str(err) names the path
+        print(f"fastgen {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:  # a failure during the run (e.g. NaN in a network): exit 1
+        print(f"fastgen {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

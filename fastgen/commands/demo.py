@@ -80,11 +80,13 @@ def run(args: argparse.Namespace) -> int:
     from fastgen.models import list_models
 
     t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    n = args.num or (300 if args.quick else 899)
+    from fastgen.io.paths import check_output_path
+
+    out = check_output_path(args.out, "--out", kind="folder")
+    n = args.num if args.num is not None else (300 if args.quick else 899)
     if n < 2:
         raise ValueError(f"--num must be >= 2, got {n}")
+    out.mkdir(parents=True, exist_ok=True)
     device, progress = args.device, not args.no_progress
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but no CUDA device is available")

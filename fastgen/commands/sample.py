@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastgen.commands._generate import NAMED_SCHEDULES, SAMPLERS, SampleSpec, default_sampler, generate
+from fastgen.commands._generate import NAMED_SCHEDULES, SAMPLERS, SampleSpec, default_sampler, iter_generate
+from fastgen.io.paths import check_output_path
+from fastgen.io.streams import NpzStreamWriter, PngStreamWriter
 from fastgen.models import load_model
 
 
@@ -72,23 +74,28 @@ def run(args: argparse.Namespace) -> int:
     spec = SampleSpec(sampler=args.sampler, schedule=args.schedule, steps=args.steps, guidance=args.guidance,
                       class_label=args.class_label or "cycle", prompts=prompts,
                       negative_prompt=args.negative_prompt, allow_schedule_range=args.allow_schedule_range)
-    samples, nfe = generate(model, spec, args.num, seed=args.seed, batch_size=args.batch_size,
-                            device=args.device, progress=not args.no_progress)
     out = Path(args.out)
+    check_output_path(out, "--out", kind="file" if out.suffix == ".npz" else "folder")
+    batches = iter_generate(model, spec, args.num, seed=args.seed, batch_size=args.batch_size,
+                            device=args.device, progress=not args.no_progress)
+    first, nfe = next(batches)  # samples are streamed to disk batch by batch: memory is constant in --num
     record = {"model": model.name, "identity": model.identity(), "kind": model.kind,
-              "sampler": spec.sampler or default_sampler(model), "nfe": nfe, "num": int(samples.shape[0]),
-              "shape": list(samples.shape[1:]), "out": str(out)}
+              "sampler": spec.sampler or default_sampler(model), "nfe": nfe, "num": int(args.num),
+              "shape": list(first.shape[1:]), "out": str(out)}
     if out.suffix == ".npz":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, samples=samples.clamp(-1, 1).numpy().astype(np.float32),
-                 identity=np.array(json.dumps(record["identity"])))
-    elif samples.ndim == 4:
-        from fastgen.metrics.io import save_image_folder
-
-        save_image_folder(samples.clamp(-1, 1), out)
+        ident = {"identity": np.array(json.dumps(record["identity"]))}
+        with NpzStreamWriter(out, args.num, tuple(first.shape[1:]), extra=ident) as w:
+            w.write(first.clamp(-1, 1))
+            for x, _ in batches:
+                w.write(x.clamp(-1, 1))
+    elif first.ndim == 4:
+        with PngStreamWriter(out) as w:
+            w.write(first.clamp(-1, 1))
+            for x, _ in batches:
+                w.write(x.clamp(-1, 1))
         (out / "samples.json").write_text(json.dumps(record, indent=1) + "\n")
     else:
-        raise ValueError(f"{args.model} makes {tuple(samples.shape[1:])}-shaped samples, not images: "
+        raise ValueError(f"{args.model} makes {tuple(first.shape[1:])}-shaped samples, not images: "
                          "use --out PATH.npz")
     print(json.dumps(record))
     return 0

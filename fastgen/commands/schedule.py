@@ -163,14 +163,15 @@ def _cond(labels: torch.Tensor | None) -> dict[str, Any]:
     return {} if labels is None else {"class_labels": labels}
 
 
-def _check_common(args: argparse.Namespace) -> None:
-    """Refuse an unknown --solver, an NFE the solver cannot make, or an unwritable --out before any work."""
+def _check_common(args: argparse.Namespace, exact_nfe: bool = False) -> None:
+    """Refuse an unknown --solver, an unwritable --out and (``exact_nfe``: DP, whose schedules take exactly
+    ``steps_for_nfe`` steps) an NFE the solver cannot make, before any work."""
     from fastgen.core.solvers import SOLVERS, steps_for_nfe
     from fastgen.io.paths import check_output_path
 
     if args.solver not in SOLVERS:
         raise ValueError(f"--solver must be one of {', '.join(sorted(SOLVERS))}, got {args.solver!r}")
-    for n in args.nfe if isinstance(args.nfe, list) else [args.nfe]:
+    for n in (args.nfe if isinstance(args.nfe, list) else [args.nfe]) if exact_nfe else []:
         try:
             steps_for_nfe(args.solver, n)
         except ValueError as err:
@@ -259,7 +260,7 @@ def _run_dp(args: argparse.Namespace) -> int:
             coeff = [float(c) for c in coeff.split(",")]
         except ValueError as err:
             raise ValueError(f"--coeff must be 'auto' or comma-separated numbers, got {args.coeff!r}") from err
-    _check_common(args)
+    _check_common(args, exact_nfe=True)
     bed = _bed(args)
     g = torch.Generator().manual_seed(args.seed)
     noise, labels = bed.noise(args.num_noise, g)

@@ -11,6 +11,8 @@ Value ranges (``value_range``):
 * ``"0,1"``: floats in [0, 1] (Diffusers' ``output_type="pt"``/``"np"``), mapped to [-1, 1] by ``2x - 1``.
 * ``"-1,1"``: floats in [-1, 1] (fastgen's convention; returned unchanged).
 * ``"0,255"``: floats holding 0..255 values, rounded to uint8.
+* A float range (``"0,1"``, ``"-1,1"``, ``"0,255"``) applies to float images only; integer images are
+  always read by their dtype (so one ``--value-range`` can serve a float and a PNG side).
 * ``"auto"``: integer dtypes are unambiguous (uint8, uint16); a float batch whose minimum is below
   -0.5 is [-1, 1]. Any other float batch (e.g. every value in [0, 1]) is ambiguous (it could be either) and is
   refused with a ``ValueError`` asking for an explicit range; so are floats far outside [-1, 1].
@@ -101,8 +103,8 @@ def normalize_images(x: torch.Tensor | np.ndarray, value_range: str = "auto", na
         if x.dtype.kind not in "uif":
             raise ValueError(f"{name}: images must be numeric arrays, got dtype {x.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(x))
-    if value_range == "auto":
-        rng, why = detect_value_range(x, name)
+    if value_range == "auto" or (value_range in ("0,1", "-1,1", "0,255") and not x.is_floating_point()):
+        rng, why = detect_value_range(x, name)  # a float range given for both sides leaves integer images alone
         note = f"value range {rng} (detected: {why})"
     else:
         rng, note = value_range, f"value range {value_range} (given)"

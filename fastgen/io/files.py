@@ -21,13 +21,17 @@ def read_text(path: str | Path, name: str = "file") -> str:
     p = Path(path)
     try:
         if not p.exists():
-            raise FileNotFoundError(f"{name} {str(path)!r}: no such file")
+            if p.is_symlink():
+                raise ValueError(f"{name} {str(path)!r} is a dangling symlink or a symlink loop")
+            raise FileNotFoundError(f"{name} {str(path)!r}: file not found")
         if p.is_dir():
             raise ValueError(f"{name} {str(path)!r} is a folder, not a file")
         size = p.stat().st_size
         if size > MAX_TEXT_BYTES:
             raise ValueError(f"{name} {str(path)!r} is {size} bytes; a text config is at most {MAX_TEXT_BYTES}")
         data = p.read_bytes()
+    except FileNotFoundError:
+        raise
     except OSError as err:  # symlink loops, permissions
         raise ValueError(f"{name} {str(path)!r} cannot be read ({err.strerror or err})") from None
     try:

@@ -2,7 +2,8 @@
 
 :class:`NpzStreamWriter` writes one ``.npz`` whose single array (``samples``, shape known up front)
 is appended batch by batch into the zip member, so ``np.load`` reads the result like any
-``np.savez`` file while the writer holds one batch at a time. The file appears atomically (a
+``np.savez`` file while the writer holds one batch at a time (small ``extra`` arrays are added at
+the end). The file appears atomically (a
 temporary name is renamed on success; nothing is left on failure). :class:`PngStreamWriter`
 writes ``000000.png``, ``000001.png``... as batches arrive.
 """
@@ -29,8 +30,9 @@ class NpzStreamWriter:
     """
 
     def __init__(self, path: str | Path, n: int, shape: tuple[int, ...], key: str = "samples",
-                 name: str = "--out") -> None:
+                 name: str = "--out", extra: dict[str, np.ndarray] | None = None) -> None:
         self.path = check_output_path(path, name)
+        self.extra = dict(extra or {})
         self.n, self.shape, self.key, self.written = int(n), tuple(int(s) for s in shape), key, 0
         self._tmp: str | None = None
         self._zip: zipfile.ZipFile | None = None
@@ -62,6 +64,10 @@ class NpzStreamWriter:
         ok = exc_type is None and self.written == self.n
         try:
             self._fh.close()
+            if ok:
+                for k, v in self.extra.items():  # small arrays (metadata), never object dtype
+                    with self._zip.open(k + ".npy", "w") as fh:
+                        np.lib.format.write_array(fh, np.asarray(v), allow_pickle=False)
             self._zip.close()
         finally:
             if ok:

@@ -76,8 +76,8 @@ def iter_source(
     if isinstance(source, str) and source.startswith("digits:"):
         from fastgen.data import load_digits_split
 
-        split = source.split(":", 1)[1]
-        return iter_source(load_digits_split(split).images, batch_size, value_range, notes)
+        split = source.split(":", 1)[1]  # fastgen's own data: [-1, 1] by construction, whatever value_range says
+        return iter_source(load_digits_split(split).images, batch_size, "-1,1", notes)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():

@@ -93,6 +93,10 @@ def load_stats(path: str | Path) -> ReferenceStats:
         raise
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ValueError(f"{path} is a corrupt .npz file ({err})") from err
+    except ValueError as err:  # object (pickled) arrays are refused by allow_pickle=False, never loaded
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: statistics cannot be read ({err})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):

@@ -268,14 +268,13 @@ class Schedule:
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
         """Read a schedule JSON (FileNotFoundError if missing, ValueError if malformed)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"schedule file not found: {path}")
+        from fastgen.io.files import read_json
+
+        data = read_json(path, "schedule file")  # names the file on every failure (binary, list, syntax)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"schedule file {path} is not valid JSON: {err}") from err
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"schedule file {str(path)!r}: {err}") from None
 
     def summary(self) -> str:
         """A few human-readable lines (used by ``fastgen schedule show``)."""

@@ -64,6 +64,7 @@ class OptimConfig:
     decay_start: int | None = None  # linear lr decay from this step ...
     decay_end: int | None = None  # ... to lr * final_lr_ratio at this step (constant afterwards)
     final_lr_ratio: float = 0.1
+    explode_bound: float | None = 1e8  # |loss| or pre-clip grad norm beyond this fails the run (null: off)
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -228,13 +229,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML run config and apply ``--set`` style overrides."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {str(p)!r}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"config {str(p)!r} is not valid YAML: {err}") from err
+    from fastgen.io.files import read_yaml
+
+    data = read_yaml(path, "config")  # names the file: missing, binary, empty, syntax, top level not a mapping
     return config_from_dict(apply_overrides(data, list(overrides)))
 
 
