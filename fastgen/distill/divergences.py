@@ -27,6 +27,8 @@ Usage::
     div = divergences.get("js")
     w = div.h(r)            # per-sample weights, same shape as r
     divergences.alpha(0.5)  # the alpha family, h = r**0.5
+    div.need_r              # False only when h is constant (reverse-KL): f-distill then trains no ratio
+    divergences.register_divergence(divergences.Divergence("mine", f, h))   # a new name for configs
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def alpha(a: float) -> Divergence:
 def get(name: str) -> Divergence:
     """Look up a divergence by name.
 
-    Accepts the names in :data:`NAMES`, the short names in :data:`ALIASES` (``rkl, sf, kl, fkl, sh,
-    jf``) and ``"alpha:<a>"`` (e.g. ``"alpha:0.5"``). Raises ``ValueError`` listing the accepted names.
+    Accepts the names of :func:`names` (the built-ins :data:`NAMES` and registered ones), the short
+    names in :data:`ALIASES` (``rkl, sf, kl, fkl, sh, jf``) and ``"alpha:<a>"`` (e.g. ``"alpha:0.5"``).
+    Raises ``ValueError`` listing the accepted names.
     """
     if not isinstance(name, str):
         raise ValueError(f"divergence must be a string, got {type(name).__name__}")
