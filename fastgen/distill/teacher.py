@@ -1,4 +1,5 @@
-"""The frozen f-distill teacher named by a run config's ``method.teacher``."""
+"""The frozen f-distill teacher named by a run config's ``method.teacher``, loaded through
+:func:`fastgen.models.load_model` (the one door)."""
 
 from __future__ import annotations
 
@@ -7,89 +8,80 @@ from typing import Any
 
 from torch import nn
 
+__all__ = ["build_teacher", "teacher_recipe"]
+
+
+def teacher_recipe(model: Any) -> dict[str, Any] | None:
+    """``{"network": ..., "wrap": ...}`` that rebuilds a teacher-shaped network (registry names only) for
+    saving the student; None for exact teachers (mixtures), whose students are plain generators."""
+    if model.kind == "exact":
+        return None
+    cfg = model.config
+    if "pipeline" in cfg:
+        net = model.denoiser.model
+        wrap = {"type": "diffusers", "scheduler_config": dict(cfg["scheduler"]),
+                "prediction_type": getattr(model.denoiser, "prediction_type", None)}
+        return {"network": {"kind": "diffusers", "model_class": type(net).__name__, "config": dict(net.config)},
+                "wrap": wrap}
+    return {"network": dict(cfg["network"]), "wrap": dict(cfg.get("denoiser") or {"type": "edm"})}
+
 
 def build_teacher(spec: Any) -> tuple[nn.Module, dict[str, Any] | None]:
     """The frozen teacher named by a config's ``method.teacher`` and the student recipe it implies.
 
     ``spec`` is one of:
 
-    - ``"digits-edm"`` or ``{"kind": "zoo", "name": "digits-edm"}``: a model of :mod:`fastgen.models.zoo`;
-    - ``{"kind": "checkpoint", "path": CKPT_DIR, "network": {"kind": ...}, "denoiser": {"type": "edm"},
-      "ema": "net"}``: the EMA weights of a fastgen trainer checkpoint (your own teacher run);
+    - any :func:`fastgen.models.load_model` source as a string: a zoo name (``"digits-edm"``), a training
+      run or checkpoint, a local Diffusers pipeline folder, a mixture spec (``"ring-mixture"``);
+    - ``{"kind": "zoo", "name": NAME}``;
+    - ``{"kind": "checkpoint", "path": RUN_OR_CKPT}``: a fastgen training run or one of its checkpoints
+      (its ``config.yaml`` says how to build and wrap the network);
     - ``{"kind": "mixture", "mixture": "ring" | "grid" | "random", "options": {...}}``: an exact mixture;
-    - ``{"kind": "diffusers", "path": DIR, "model_class": "UNet2DModel", "subfolder": "unet",
-      "scheduler_config": DIR/scheduler/scheduler_config.json or a dict, "prediction_type": null}``:
-      a local Diffusers model (safetensors only, never downloaded) as a VP/flow denoiser.
+    - ``{"kind": "diffusers", "path": PIPELINE_DIR, "prediction_type": null}``: a local Diffusers pipeline
+      folder (``model_index.json``, or just ``unet/`` + ``scheduler/``; safetensors, never downloaded)
+      (``model_class``/``subfolder``, if given, must agree with the folder).
 
-    Returns ``(teacher, recipe)`` where ``recipe = {"network": ..., "wrap": ...}`` rebuilds a
-    teacher-shaped network for saving the student (None for exact teachers).
+    Returns ``(teacher, recipe)``; see :func:`teacher_recipe`. Teachers are in eval mode without gradients.
     """
-    import json
-    from pathlib import Path
+    from fastgen.models import load_model
 
     if isinstance(spec, str):
-        spec = {"kind": "zoo", "name": spec}
+        spec = {"kind": "source", "source": spec}
     if not isinstance(spec, Mapping) or "kind" not in spec:
         raise ValueError(
-            "method.teacher must be a zoo model name or a mapping with kind: zoo | mixture | diffusers, "
-            f"got {spec!r}"
+            "method.teacher must be a model source (zoo name, run, pipeline folder, mixture spec) or a mapping "
+            f"with kind: zoo | checkpoint | mixture | diffusers, got {spec!r}"
         )
     spec = dict(spec)
     kind = spec.pop("kind")
-    if kind == "zoo":
-        from fastgen.models import zoo
-
-        name = spec.get("name")
-        info = zoo.model_info(name)  # ValueError naming the available models
-        return zoo.load(name), {"network": info["network"], "wrap": info.get("denoiser", {"type": "edm"})}
-    if kind == "checkpoint":
-        from fastgen.distill.student import build_network_from_recipe, wrap_network
-        from fastgen.models.zoo import ema_state_from_checkpoint
-
-        if "network" not in spec:
-            raise ValueError("method.teacher (kind: checkpoint) needs 'network' (the build_network kwargs)")
-        net = build_network_from_recipe(spec["network"])
-        net.load_state_dict(ema_state_from_checkpoint(spec.get("path", ""), spec.get("ema", "net")))
-        wrap = dict(spec.get("denoiser", {"type": "edm"}))
-        return wrap_network(net, wrap), {"network": dict(spec["network"]), "wrap": wrap}
-    if kind == "mixture":
-        from fastgen.data import toy
-
-        builders = {"ring": toy.ring_mixture, "grid": toy.grid_mixture, "random": toy.random_mixture}
-        which = spec.get("mixture", "ring")
-        if which not in builders:
-            raise ValueError(f"method.teacher.mixture must be one of {sorted(builders)}, got {which!r}")
-        return builders[which](**dict(spec.get("options", {}))).denoiser().float(), None
-    if kind == "diffusers":
-        import diffusers
-
-        from fastgen.core.denoiser import from_diffusers
-
-        path = Path(str(spec.get("path", "")))
-        if not path.is_dir():
-            raise FileNotFoundError(f"method.teacher.path: Diffusers model folder not found: {str(path)!r}")
-        cls_name = spec.get("model_class", "UNet2DModel")
-        cls = getattr(diffusers, cls_name, None)
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            raise ValueError(f"method.teacher.model_class {cls_name!r} is not a Diffusers model class")
-        sub = spec.get("subfolder", "unet")
-        model = cls.from_pretrained(str(path), subfolder=sub, use_safetensors=True, local_files_only=True)
-        sched = spec.get("scheduler_config", str(path / "scheduler" / "scheduler_config.json"))
-        if not isinstance(sched, Mapping):
-            sp = Path(str(sched))
-            if not sp.is_file():
-                raise FileNotFoundError(f"method.teacher.scheduler_config not found: {str(sp)!r}")
-            sched = json.loads(sp.read_text())
-        pred = spec.get("prediction_type")
-        teacher = from_diffusers(model, dict(sched), prediction_type=pred)
-        recipe = {
-            "network": {"kind": "diffusers", "model_class": cls_name, "config": dict(model.config)},
-            "wrap": {"type": "diffusers", "scheduler_config": dict(sched), "prediction_type": pred},
-        }
-        return teacher, recipe
-    raise ValueError(
-        f"method.teacher.kind must be 'zoo', 'checkpoint', 'mixture' or 'diffusers', got {kind!r}"
-    )
+    if kind in ("source", "zoo", "checkpoint"):
+        key = {"source": "source", "zoo": "name", "checkpoint": "path"}[kind]
+        model = load_model(str(spec.get(key, "")))
+    elif kind == "mixture":
+        model = load_model(f"mixture:{spec.get('mixture', 'ring')}", **dict(spec.get("options", {})))
+        return model.denoiser.float(), None
+    elif kind == "diffusers":
+        model = _diffusers_teacher(spec, load_model)
+    else:
+        raise ValueError(f"method.teacher.kind must be 'zoo', 'checkpoint', 'mixture' or 'diffusers', got {kind!r}")
+    if model.denoiser is None or model.kind in ("student", "shortcut"):
+        raise ValueError(f"method.teacher: {model.name!r} is a {model.kind} model; a teacher needs an ODE denoiser")
+    return model.denoiser, teacher_recipe(model)
 
 
-__all__ = ["build_teacher"]
+def _diffusers_teacher(spec: dict[str, Any], load_model: Any) -> Any:
+    from pathlib import Path
+
+    from fastgen.core.denoiser import from_diffusers
+
+    path = Path(str(spec.get("path", "")))
+    if not path.is_dir():
+        raise FileNotFoundError(f"method.teacher.path: Diffusers pipeline folder not found: {str(path)!r}")
+    model = load_model(path)
+    net = model.denoiser.model
+    if spec.get("model_class") not in (None, type(net).__name__):
+        raise ValueError(f"method.teacher.model_class {spec['model_class']!r} does not match the folder's "
+                         f"{type(net).__name__}")
+    if spec.get("prediction_type"):
+        model.denoiser = from_diffusers(net, model.config["scheduler"], prediction_type=spec["prediction_type"])
+    return model

@@ -179,6 +179,36 @@ def load_run(run: Path, ckpt: Path | None, device: Any, name: str) -> LoadedMode
 # ------------------------------------------------------------------------------------------ pipelines
 
 
+def is_model_folder(path: Path) -> bool:
+    """A pipeline folder without ``model_index.json``: ``unet/`` or ``transformer/`` + ``scheduler/``."""
+    return path.is_dir() and (path / "scheduler" / "scheduler_config.json").is_file() and any(
+        (path / sub / "config.json").is_file() for sub in ("unet", "transformer"))
+
+
+class _Parts:
+    """The components of a partial pipeline folder, as attributes (``unet`` or ``transformer``, ``scheduler``)."""
+
+    def __init__(self, path: Path) -> None:
+        import diffusers
+
+        sub = "unet" if (path / "unet" / "config.json").is_file() else "transformer"
+        cls_name = _read_json(path / sub / "config.json").get("_class_name")
+        cls = getattr(diffusers, str(cls_name), None)  # a class name Diffusers exports, never a module path
+        if not isinstance(cls, type) or not hasattr(cls, "from_pretrained") or not issubclass(cls, torch.nn.Module):
+            raise ValueError(f"{str(path / sub)!r}: _class_name {cls_name!r} is not a Diffusers model class")
+        setattr(self, sub, cls.from_pretrained(str(path), subfolder=sub, use_safetensors=True,
+                                               local_files_only=True))
+        if sub == "unet":
+            self.transformer = None
+        else:
+            self.unet = None
+        sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
+        self.scheduler = type("Scheduler", (), {"config": sched_cfg})()
+
+    def set_progress_bar_config(self, **_: Any) -> None:
+        pass
+
+
 def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
     """A local Diffusers pipeline folder: UNet2DModel (DDPM), SD-style UNet2DConditionModel + CLIP + VAE,
     SD3-style flow transformer. Prompts are encoded with the pipeline's own ``encode_prompt``."""
@@ -187,13 +217,16 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
     from fastgen.core.denoiser import from_diffusers
     from fastgen.core.schedules import diffusers_table, is_flow_config
 
-    index = _read_json(path / "model_index.json")
-    # Components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly.
-    absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **absent)
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"cannot load the Diffusers pipeline folder {str(path)!r}: {err}") from err
+    if not (path / "model_index.json").is_file():
+        pipe = _Parts(path)
+    else:
+        index = _read_json(path / "model_index.json")
+        # Components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly.
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **absent)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"cannot load the Diffusers pipeline folder {str(path)!r}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
     net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if net is None:

@@ -10,7 +10,8 @@
   method prescribes (``edm``, ``flow``, ``gft``; an ``fdistill`` run gives its one-step student);
 - an exported student (``DIR/student.safetensors`` + ``student.json``, the directory, or either file);
 - a local Diffusers pipeline folder (``model_index.json``): ``UNet2DModel`` pipelines (DDPM),
-  SD-style ``UNet2DConditionModel`` + text encoder + VAE, SD3-style flow transformers;
+  SD-style ``UNet2DConditionModel`` + text encoder + VAE, SD3-style flow transformers; or a partial
+  folder with ``unet/`` (or ``transformer/``) and ``scheduler/`` only;
 - a mixture spec: ``ring-mixture``, ``grid-mixture``, ``random-mixture`` (or ``mixture:ring`` ...;
   options as keywords, e.g. ``load_model("mixture:random", dim=4, num_modes=3)``): the exact denoiser.
 
@@ -229,7 +230,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", **options
             f"model source {src!r} is neither a zoo model ({', '.join(available())}), a mixture spec "
             f"({', '.join(m + '-mixture' for m in MIXTURES)}) nor an existing path"
         )
-    if path.is_dir() and (path / "model_index.json").is_file():
+    if path.is_dir() and ((path / "model_index.json").is_file() or files.is_model_folder(path)):
         return files.load_pipeline(path, device, name=src)
     if files.is_student(path):
         return files.load_student_files(path, device, name=src)
