@@ -15,8 +15,12 @@ What the trainer owns (the method owns networks and losses, see :mod:`fastgen.tr
   process count nor a resume changes any random number.
 - **Optimisation:** AdamW per optimizer group, linear lr warm-up, global-norm gradient clipping,
   mixed precision (``bf16`` autocast), EMA (:mod:`fastgen.train.ema`) of ``method.ema_networks()``.
-- **Safety:** a non-finite loss stops the run *before* the optimizer step with
-  :class:`TrainingDiverged` naming the step and the last good checkpoint (which is kept).
+- **Safety:** a non-finite loss or gradient, or a loss / pre-clip gradient norm beyond
+  ``optim.explode_bound`` (default 1e8), stops the run *before* the optimizer step with
+  :class:`TrainingDiverged` naming the step, the loss and the step's sigma range and the last good
+  checkpoint (checkpoints are verified finite before they are written). Invalid optimizer settings
+  (negative or non-finite ``lr``, ``grad_clip`` ...) are refused when the trainer is built. Temporary
+  folders of interrupted checkpoint writes are removed at start-up.
 - **Records:** atomic checkpoints (:mod:`fastgen.io.checkpoint`) every ``checkpoint_every`` steps and
   at the end, exact resume, a tqdm bar and a JSONL metrics log ``<output_dir>/metrics.jsonl``.
 """
@@ -39,11 +43,38 @@ from fastgen.train.config import TrainConfig, config_to_dict, save_config
 from fastgen.train.ema import make_ema
 from fastgen.train.method import Method, build_method
 
-__all__ = ["Trainer", "TrainingDiverged", "build_dataset", "shard_seed"]
+__all__ = ["Trainer", "TrainingDiverged", "build_dataset", "shard_seed", "DEFAULT_EXPLODE_BOUND"]
+
+DEFAULT_EXPLODE_BOUND = 1e8  # |loss| or pre-clip grad norm beyond this stops the run (optim.explode_bound)
 
 
-class TrainingDiverged(FloatingPointError, ValueError):
-    """A loss became NaN/Inf; ``step`` is the optimizer step, ``checkpoint`` the last good one (or None)."""
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate_optim(name: str, o: Mapping[str, Any]) -> None:
+    """Refuse optimizer settings that would silently turn training into ascent or overflow."""
+    where = f"optim (optimizer {name!r})"
+    checks = [
+        ("lr", _finite(o["lr"]) and o["lr"] > 0, "a finite number > 0"),
+        ("eps", _finite(o["eps"]) and o["eps"] > 0, "a finite number > 0"),
+        ("weight_decay", _finite(o["weight_decay"]) and o["weight_decay"] >= 0, "a finite number >= 0"),
+        ("betas", len(o["betas"]) == 2 and all(_finite(b) and 0 <= b < 1 for b in o["betas"]),
+         "two numbers in [0, 1)"),
+        ("grad_clip", o["grad_clip"] is None or (_finite(o["grad_clip"]) and o["grad_clip"] > 0),
+         "a finite number > 0 or null"),
+        ("explode_bound", o["explode_bound"] is None or (_finite(o["explode_bound"]) and o["explode_bound"] > 0),
+         "a finite number > 0 or null"),
+        ("final_lr_ratio", _finite(o["final_lr_ratio"]) and o["final_lr_ratio"] >= 0, "a finite number >= 0"),
+    ]
+    for key, ok, accepted in checks:
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {accepted}, got {o[key]!r}")
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss or gradient became NaN/Inf or exceeded ``optim.explode_bound``; ``step`` is the optimizer
+    step, ``checkpoint`` the last good (verified finite) one or None. The CLI exits with code 1."""
 
     def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
         super().__init__(message)
@@ -154,6 +185,8 @@ class Trainer:
             self.optimizers[oname] = torch.optim.AdamW(
                 params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"]
             )
+        self._sigma_seen: list[float] = []
+        self._record_sigmas()
         unknown_groups = sorted(set(cfg.optim.groups) - set(groups))
         if unknown_groups:
             raise ValueError(f"optim.groups names unknown optimizers {unknown_groups}; have {sorted(groups)}")
@@ -166,17 +199,36 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.log_path = self.out / "metrics.jsonl"
 
+    def _record_sigmas(self) -> None:
+        """Wrap ``method.sample_sigma`` (when it has one) to remember each step's sigma range for reports."""
+        fn = getattr(self.method, "sample_sigma", None)
+        if not callable(fn):
+            return
+
+        def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
+            out = fn(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.numel():
+                self._sigma_seen += [float(out.min()), float(out.max())]
+            return out
+
+        try:
+            self.method.sample_sigma = recorded
+        except AttributeError:  # a method that forbids attributes: reports go without the sigma range
+            pass
+
     # ------------------------------------------------------------------------------------------
     def _optim_settings(self, name: str) -> dict[str, Any]:
         o = self.cfg.optim
         base = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay,
                 "warmup_steps": o.warmup_steps, "grad_clip": o.grad_clip, "decay_start": o.decay_start,
-                "decay_end": o.decay_end, "final_lr_ratio": o.final_lr_ratio}
+                "decay_end": o.decay_end, "final_lr_ratio": o.final_lr_ratio,
+                "explode_bound": getattr(o, "explode_bound", DEFAULT_EXPLODE_BOUND)}
         over = dict(o.groups.get(name, {}))
         unknown = sorted(set(over) - set(base))
         if unknown:
             raise ValueError(f"optim.groups.{name}: unknown key(s) {unknown}; accepted: {sorted(base)}")
         base.update(over)
+        _validate_optim(name, base)
         return base
 
     def lr_at(self, name: str, step: int) -> float:
@@ -206,6 +258,9 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (main process only); returns its directory."""
         path = None
+        bad = ckpt.tensors_finite(self.state_tensors())
+        if bad:  # never write (or name) a non-finite checkpoint as a good one
+            raise self._diverged(f"{len(bad)} state tensor(s) are non-finite (e.g. {bad[0]!r})", self.step)
         if self.acc.is_main_process:
             tensors = self.state_tensors()
             optim_meta = {}
@@ -269,12 +324,22 @@ class Trainer:
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
         return flat
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step (all micro-batches of this process); returns the logged scalars."""
-        cfg, step = self.cfg, self.step
-        rows = _global_indices(self.n_data, cfg.seed, step, cfg.batch_size)
+    def _diverged(self, what: str, step: int) -> TrainingDiverged:
+        where = str(self.last_checkpoint) if self.last_checkpoint else "none (none written yet)"
+        sig = ""
+        if self._sigma_seen:
+            sig = f" (sigma in [{min(self._sigma_seen):.4g}, {max(self._sigma_seen):.4g}] this step)"
+        return TrainingDiverged(
+            f"{what} at step {step}{sig}; the run stopped before updating the weights; "
+            f"last good checkpoint: {where}",
+            step,
+            self.last_checkpoint,
+        )
+
+    def _forward_backward(self, step: int, rows: torch.Tensor, params: list[nn.Parameter]):
+        """Run this process's micro-batches: per-loss gradients summed into a stash (not yet averaged)."""
+        cfg = self.cfg
         shard_size = cfg.batch_size // self.micro
-        params = self._all_params()
         stash: dict[str, list[torch.Tensor | None]] = {}
         loss_sum: dict[str, torch.Tensor] = {}
         extra: dict[str, float] = {}
@@ -313,42 +378,74 @@ class Trainer:
                         grads[i] = p.grad.detach().clone() if grads[i] is None else grads[i] + p.grad
         for p in params:
             p.grad = None
-        # reduce losses (and check finiteness) across processes
-        names = order
+        return order, loss_sum, stash, extra
+
+    def _averaged_grads(self, name: str, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The gradients of optimizer ``name`` averaged over all micro-batches of all processes."""
+        ps = self.opt_params[name]
+        if self.world == 1:
+            return [None if g is None else g / self.micro for g in grads]
+        mask = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=self.device)
+        self._reduce_sum(mask)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, ps)])
+        self._reduce_sum(flat)
+        out: list[torch.Tensor | None] = []
+        off = 0
+        for i, p in enumerate(ps):
+            n = p.numel()
+            out.append(flat[off : off + n].view_as(p) / self.micro if mask[i] > 0 else None)
+            off += n
+        return out
+
+    def _check_health(self, step: int, names: list[str], lvec: torch.Tensor, norms: dict[str, float]) -> None:
+        """Stop (before any weight changes) on a non-finite loss or gradient or one beyond ``explode_bound``."""
+        for i, n in enumerate(names):
+            v = float(lvec[i])
+            if not math.isfinite(v):
+                raise self._diverged(f"loss {n!r} is {v}", step)
+        for n, gn in norms.items():
+            if not math.isfinite(gn):
+                raise self._diverged(f"the gradient of loss {n!r} is non-finite (norm {gn})", step)
+        for i, n in enumerate(names):
+            bound = self._optim_settings(n)["explode_bound"]
+            if bound is None:
+                continue
+            v = float(lvec[i])
+            if abs(v) > bound:
+                raise self._diverged(f"the run exploded: |loss {n!r}| = {v:.4g} > optim.explode_bound {bound:g}", step)
+            if norms[n] > bound:
+                raise self._diverged(
+                    f"the run exploded: grad norm of loss {n!r} = {norms[n]:.4g} > optim.explode_bound {bound:g}",
+                    step,
+                )
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (all micro-batches of this process); returns the logged scalars.
+
+        Nothing changes (weights, optimizer state, EMA) when a loss or gradient is non-finite or
+        beyond ``optim.explode_bound``: :class:`TrainingDiverged` is raised instead.
+        """
+        cfg, step = self.cfg, self.step
+        self._sigma_seen = []
+        rows = _global_indices(self.n_data, cfg.seed, step, cfg.batch_size)
+        names, loss_sum, stash, extra = self._forward_backward(step, rows, self._all_params())
         lvec = self._reduce_sum(torch.stack([loss_sum[n] for n in names]).to(self.device)) / self.micro
         logs = {f"loss/{n}": float(lvec[i]) for i, n in enumerate(names)}
-        bad = [n for i, n in enumerate(names) if not math.isfinite(float(lvec[i]))]
-        if bad:
-            where = str(self.last_checkpoint) if self.last_checkpoint else "none (none written yet)"
-            raise TrainingDiverged(
-                f"loss {bad[0]!r} is {float(lvec[names.index(bad[0])])} at step {step}; the run stopped "
-                f"before updating the weights; last good checkpoint: {where}",
-                step,
-                self.last_checkpoint,
-            )
+        avg = {n: self._averaged_grads(n, stash[n]) for n in names}
+        norms = {}
+        for n in names:
+            gs = [g for g in avg[n] if g is not None]
+            norms[n] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs])))\
+                if gs else 0.0
+        self._check_health(step, names, lvec, norms)
         for name in names:
             ps = self.opt_params[name]
-            grads = stash[name]
             o = self._optim_settings(name)
-            if self.world > 1:
-                mask = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=self.device)
-                self._reduce_sum(mask)
-                flat = torch.cat([
-                    (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, ps)
-                ])
-                self._reduce_sum(flat)
-                off = 0
-                for i, p in enumerate(ps):
-                    n = p.numel()
-                    p.grad = flat[off : off + n].view_as(p) / self.micro if mask[i] > 0 else None
-                    off += n
-            else:
-                for g, p in zip(grads, ps):
-                    p.grad = None if g is None else g / self.micro
+            for g, p in zip(avg[name], ps):
+                p.grad = g
             if o["grad_clip"] is not None:
-                with_grad = [p for p in ps if p.grad is not None]
-                gn = torch.nn.utils.clip_grad_norm_(with_grad, float(o["grad_clip"]))
-                logs[f"grad_norm/{name}"] = float(gn)
+                torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], float(o["grad_clip"]))
+                logs[f"grad_norm/{name}"] = norms[name]
             lr = self.lr_at(name, step)
             for g in self.optimizers[name].param_groups:
                 g["lr"] = lr
@@ -383,6 +480,8 @@ class Trainer:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            ckpt.remove_stale_temporaries(self.ckpt_root)
+        self.acc.wait_for_everyone()
         self._maybe_resume()
         self._truncate_log()
         records: list[dict] = []
