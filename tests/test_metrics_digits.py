@@ -106,4 +106,6 @@ def test_streaming_from_an_endless_sampler(train):
     assert metric.compute() == pytest.approx(digits_fd(train.images), rel=1e-6)
     metric.reset()
     metric.update(train.images[train.labels == 3])
-    assert metric.compute() == pytest.approx(digits_fd(train.images[train.labels == 3]), rel=1e-9)
+    # The reference side still differs in batching (FrechetDistance extracts digits:test in batches of 64,
+    # digits_reference_stats in one pass), so the same float32 last-bit argument gives 1e-6, not 1e-9.
+    assert metric.compute() == pytest.approx(digits_fd(train.images[train.labels == 3]), rel=1e-6)
