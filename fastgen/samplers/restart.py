@@ -36,6 +36,7 @@ __all__ = [
     "build_plan",
     "auto_plan",
     "auto_segments",
+    "snap_to_grid",
     "get_preset",
     "restart_nfe",
     "restart_sample",
@@ -153,7 +154,7 @@ def build_plan(
       main-grid sigma after the first; the segment runs right after the main step that lands there.
       Several segments at one snapped point run in the order given.
     - ``churn``: EDM churn gamma applied at each in-segment step whose start sigma lies in
-      ``[churn_tmin, churn_tmax]`` (official ImageNet setting: 0.05 on [0.01, 1]); it appears in the
+      ``[churn_tmin, churn_tmax]`` (official CIFAR-10 and ImageNet setting: 0.05 on [0.01, 1]); it appears in the
       plan as a small jump ``t -> t (1 + churn)``. The main process stays deterministic.
     """
     main = validate_sigmas(sigmas, "sigmas").detach().double().cpu()
@@ -226,16 +227,34 @@ def auto_segments(steps: int) -> tuple[int, tuple[RestartSegment, ...]]:
     return steps - restart_steps * times, (RestartSegment(restart_steps + 1, times, 0.1, 2.0),)
 
 
+def snap_to_grid(main: Any, segments: Iterable[Any]) -> tuple[RestartSegment, ...]:
+    """A1111's snapping: both ``t_min`` and ``t_max`` of each segment move to the nearest main-grid sigma.
+
+    ``main`` is the main grid (VE sigmas, decreasing, usually ending in 0). A segment whose snapped
+    ``t_max`` is not above its snapped ``t_min`` is dropped, as A1111 skips it.
+    """
+    grid = validate_sigmas(main, "main").detach().double().cpu()
+    out = []
+    for seg in as_segments(segments):
+        lo_idx = int(torch.argmin((grid - seg.t_min).abs()))
+        hi_idx = int(torch.argmin((grid - seg.t_max).abs()))
+        if hi_idx < lo_idx:
+            out.append(RestartSegment(seg.n_steps, seg.k, float(grid[lo_idx]), float(grid[hi_idx])))
+    return tuple(out)
+
+
 def auto_plan(
     steps: int, sigma_min: float, sigma_max: float, *, rho: float = 7.0, s_noise: float = 1.0
 ) -> RestartPlan:
     """The A1111 plan: a Karras main grid over ``steps - restart_steps * k`` points plus one segment.
 
-    Unlike A1111, ``t_max`` is not snapped to the main grid (the paper's rule, shared by every plan here).
+    As in A1111's ``sample_restart``, the segment's ``t_min`` (0.1) and ``t_max`` (2.0) are snapped to
+    the nearest main-grid sigmas (:func:`snap_to_grid`): at 20 or 30 steps on the SD range
+    [0.0292, 14.6146], ``t_max`` becomes 2.2327; at 40 steps, 1.9914.
     """
     n_main, segs = auto_segments(steps)
-    segs = tuple(s for s in segs if s.t_max <= sigma_max and s.t_min >= sigma_min)
-    return build_plan(karras(n_main, sigma_min, sigma_max, rho=rho), segs, s_noise=s_noise, rho=rho)
+    main = karras(n_main, sigma_min, sigma_max, rho=rho)
+    return build_plan(main, snap_to_grid(main, segs), s_noise=s_noise, rho=rho)
 
 
 @dataclass(frozen=True)
@@ -270,7 +289,8 @@ class RestartPreset:
 
 
 def _cifar(n_main: int, n_r: int, k: int, t_min: float, t_max: float, note: str) -> RestartPreset:
-    return RestartPreset(n_main, (RestartSegment(n_r, k, t_min, t_max),), note=note)
+    # the official CIFAR-10 runs use in-segment churn 0.05 on [0.01, 1] (S_min, S_max), as ImageNet does
+    return RestartPreset(n_main, (RestartSegment(n_r, k, t_min, t_max),), churn=0.05, note=note)
 
 
 _IMAGENET_INTERVALS = ((19.35, 40.79), (1.09, 1.92), (0.59, 1.09), (0.30, 0.59), (0.06, 0.30))
