@@ -5,7 +5,7 @@
    precision (within 3 std of a mode) and energy distance to true samples.
 2. **Digits:** FD_digits (test split, 900 samples) of the one-step EMA student per divergence, read
    from ``benchmarks/results/fdistill_digits.json`` (written by ``scripts/distill_digits.sh``, which runs
-   ``fastgen distill`` on each ``configs/distill/digits-*.yaml``), against the teacher at 35 NFE Heun.
+   ``fastgen distill`` on each ``fastgen/configs/distill/digits-*.yaml``), against the teacher at 35 NFE Heun.
 3. **Speed:** samples/s of the one-step student vs the teacher at 35 NFE Heun, same batch.
 
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.bench_fdistill [--seeds 3] [--steps 3000]`` (ring results are

@@ -19,7 +19,7 @@ DIVS=("$@")
 PY="${PYTHON:-.venv/bin/python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 for div in "${DIVS[@]}"; do
-  args=(distill "configs/distill/digits-${div}.yaml" --set "steps=${STEPS}" --no-progress --eval 900)
+  args=(distill "fastgen/configs/distill/digits-${div}.yaml" --set "steps=${STEPS}" --no-progress --eval 900)
   [ -n "${TEACHER:-}" ] && args+=(--set "method.teacher=${TEACHER}")
   [ -n "${EXPORT:-}" ] && args+=(--export "digits-fdistill-${div}")
   echo ">>> fastgen ${args[*]}"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The exact commands that made fastgen/models/weights/digits-flow.{safetensors,json,md}:
-# train configs/train/digits-flow.yaml with fastgen's trainer (1 CPU thread, resumable), then export
+# train fastgen/configs/train/digits-flow.yaml with fastgen's trainer (1 CPU thread, resumable), then export
 # the EMA network (float16) with a model card (FD_digits with Euler in t at 1..128 steps).
 # Usage: scripts/train_digits_flow.sh [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${1:-8000}"
 PY="${PYTHON:-.venv/bin/python}"
-OMP_NUM_THREADS=1 "$PY" -m fastgen.cli train configs/train/digits-flow.yaml --no-progress --set "steps=$STEPS"
+OMP_NUM_THREADS=1 "$PY" -m fastgen.cli train fastgen/configs/train/digits-flow.yaml --no-progress --set "steps=$STEPS"
 OMP_NUM_THREADS=1 "$PY" - "$STEPS" <<'PYEOF'
 import json, sys, torch
 torch.set_num_threads(1)
@@ -19,7 +19,7 @@ from fastgen.models.zoo import ema_state_from_checkpoint, export_model
 from fastgen.train.config import load_config
 
 steps = int(sys.argv[1])
-cfg = load_config("configs/train/digits-flow.yaml", [f"steps={steps}"])
+cfg = load_config("fastgen/configs/train/digits-flow.yaml", [f"steps={steps}"])
 ck = Path(cfg.output_dir) / "checkpoints" / f"step_{steps:08d}"
 kw = dict(cfg.network); net = build_network(kw.pop("kind"), **kw)
 net.load_state_dict(ema_state_from_checkpoint(ck))
@@ -58,7 +58,7 @@ t = 1 data, `x_t = (1 - t) noise + t x1`). The flow-matching baseline of the sho
 
 - Network: `ResidualMLP` {json.dumps(cfg.network)}, {count_parameters(net) / 1e6:.2f}M parameters;
   weights stored in float16 (EMA, decay {cfg.ema.decay} with warm-up).
-- Training: fastgen's `Trainer` with `configs/train/digits-flow.yaml`, method `flow`
+- Training: fastgen's `Trainer` with `fastgen/configs/train/digits-flow.yaml`, method `flow`
   {json.dumps({k: v for k, v in cfg.method.items() if k != 'name'})}, AdamW lr {cfg.optim.lr}
   (warm-up {cfg.optim.warmup_steps}), batch {cfg.batch_size}, seed {cfg.seed}, {steps} steps on the 898-image
   train split, one CPU thread on a shared 2-core machine, wall time {wall / 60:.0f} min.
@@ -71,7 +71,7 @@ t = 1 data, `x_t = (1 - t) noise + t x1`). The flow-matching baseline of the sho
 {table}
 """
 export_model(net, "digits-flow", cfg.network, {"type": "flow"}, card=card,
-             extra={"training": {"config": "configs/train/digits-flow.yaml", "steps": steps, "seed": cfg.seed,
+             extra={"training": {"config": "fastgen/configs/train/digits-flow.yaml", "steps": steps, "seed": cfg.seed,
                                  "wall_s": wall},
                     "fd_digits_euler": {str(n): fd for n, fd, _ in rows}, "fd_train_test": fd_real})
 print(card)

@@ -2,8 +2,8 @@
 # The exact commands that trained fastgen/models/weights/digits-{shortcut,gft}.* (1 CPU thread), then
 # exported the trainer's EMA network into the package with a model card (FD_digits measured at export).
 #
-#   bash scripts/train_digits_shortcut_gft.sh shortcut     # configs/train/digits-shortcut.yaml
-#   bash scripts/train_digits_shortcut_gft.sh gft          # configs/train/digits-gft.yaml (needs digits-edm)
+#   bash scripts/train_digits_shortcut_gft.sh shortcut     # fastgen/configs/train/digits-shortcut.yaml
+#   bash scripts/train_digits_shortcut_gft.sh gft          # fastgen/configs/train/digits-gft.yaml (needs digits-edm)
 #
 # The shipped weights were made by exactly
 #   bash scripts/train_digits_shortcut_gft.sh shortcut                  # 8000 steps, ~45 min on the shared CPU
@@ -18,7 +18,7 @@ MODEL=${1:?usage: train_digits_shortcut_gft.sh shortcut|gft [--set key=value ...
 shift
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-CONFIG=configs/train/digits-${MODEL}.yaml
+CONFIG=fastgen/configs/train/digits-${MODEL}.yaml
 OMP_NUM_THREADS=1 "$PY" -m fastgen.cli train "$CONFIG" --set progress=false "$@"
 OMP_NUM_THREADS=1 "$PY" - "$MODEL" "$CONFIG" "$*" <<'EOF'
 import json, sys

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${1:-10000}"
 PY="${PYTHON:-.venv/bin/python}"
-OMP_NUM_THREADS=1 "$PY" -m fastgen.cli train configs/train/digits-edm.yaml --no-progress --set "steps=$STEPS"
+OMP_NUM_THREADS=1 "$PY" -m fastgen.cli train fastgen/configs/train/digits-edm.yaml --no-progress --set "steps=$STEPS"
 OMP_NUM_THREADS=1 "$PY" - "$STEPS" <<'PYEOF'
 import json, sys, torch
 torch.set_num_threads(1)
@@ -23,7 +23,7 @@ from fastgen.models.zoo import ema_state_from_checkpoint, export_model
 from fastgen.train.config import load_config
 
 steps = int(sys.argv[1])
-cfg = load_config("configs/train/digits-edm.yaml", [f"steps={steps}"])
+cfg = load_config("fastgen/configs/train/digits-edm.yaml", [f"steps={steps}"])
 ck = Path(cfg.output_dir) / "checkpoints" / f"step_{steps:08d}"
 kw = dict(cfg.network); net = build_network(kw.pop("kind"), **kw)
 net.load_state_dict(ema_state_from_checkpoint(ck))
@@ -71,7 +71,7 @@ x of shape (B, 1, 8, 8) in [-1, 1], sigma in [0.002, 80], class_labels (B,) int6
 - Network: `ResidualMLP` {json.dumps(cfg.network)}, {count_parameters(net) / 1e6:.2f}M parameters,
   EDM preconditioning with sigma_data = {cfg.method['sigma_data']}; weights stored in float16
   (EMA, decay {cfg.ema.decay} with warm-up).
-- Training: fastgen's `Trainer` with `configs/train/digits-edm.yaml`, method `edm`
+- Training: fastgen's `Trainer` with `fastgen/configs/train/digits-edm.yaml`, method `edm`
   {json.dumps({k: v for k, v in cfg.method.items() if k != 'name'})}, AdamW lr {cfg.optim.lr}
   (warm-up {cfg.optim.warmup_steps} steps), batch {cfg.batch_size}, seed {cfg.seed}, {steps} steps on the
   898-image train split, one CPU thread on a shared 2-core machine, wall time {wall / 60:.0f} min
@@ -93,7 +93,7 @@ sampler, schedule and distillation benchmarks (which compare against the teacher
 split), but not a model of novel digits: always use the test split as the FD reference.
 """
 export_model(net, "digits-edm", cfg.network, {"type": "edm", "sigma_data": cfg.method["sigma_data"]},
-             card=card, extra={"training": {"config": "configs/train/digits-edm.yaml", "steps": steps,
+             card=card, extra={"training": {"config": "fastgen/configs/train/digits-edm.yaml", "steps": steps,
                                             "seed": cfg.seed, "wall_s": wall},
                                "fd_digits": {str(nfe): fd for nfe, fd, _, _ in rows},
                                "fd_train_test": fd_real})

@@ -13,8 +13,8 @@ import pytest
 from fastgen.cli import main
 from tests._bad_input_files import make_files
 
-TRAIN = "configs/train/digits-edm.yaml"
-DISTILL = "configs/distill/digits-js.yaml"
+TRAIN = "fastgen/configs/train/digits-edm.yaml"
+DISTILL = "fastgen/configs/distill/digits-js.yaml"
 FID = ["--features", "digits", "--no-progress"]
 
 CASES: list[tuple[str, list[str], str]] = [

@@ -373,7 +373,7 @@ def test_pipeline_image_outputs():
 
 
 def test_from_config_with_a_local_diffusers_vp_teacher(tmp_path):
-    """configs/distill/diffusers-vp.yaml with a tiny UNet2DModel saved locally (no downloads)."""
+    """fastgen/configs/distill/diffusers-vp.yaml with a tiny UNet2DModel saved locally (no downloads)."""
     import json
 
     import yaml
@@ -386,7 +386,7 @@ def test_from_config_with_a_local_diffusers_vp_teacher(tmp_path):
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(vp_scheduler_config()))
     root = Path(__file__).resolve().parent.parent
-    data = yaml.safe_load((root / "configs" / "distill" / "diffusers-vp.yaml").read_text())
+    data = yaml.safe_load((root / "fastgen" / "configs" / "distill" / "diffusers-vp.yaml").read_text())
     data["method"]["teacher"]["path"] = str(tmp_path)
     m = from_config(config_from_dict(data))
     assert abs(m.config.sigma_max - m.teacher.sigma_max) < 1e-9  # sigma range from the VP table
@@ -400,7 +400,7 @@ def test_from_config_with_a_local_diffusers_vp_teacher(tmp_path):
 
 
 def test_real_trainer_runs_fdistill_and_resumes_exactly(tmp_path):
-    """configs/distill/ring-js.yaml (shrunk) under fastgen's Trainer: ratio bins are checkpointed and a
+    """fastgen/configs/distill/ring-js.yaml (shrunk) under fastgen's Trainer: ratio bins are checkpointed and a
     resumed run reproduces the uninterrupted one."""
     import yaml
 
@@ -408,7 +408,7 @@ def test_real_trainer_runs_fdistill_and_resumes_exactly(tmp_path):
     from fastgen.train.config import config_from_dict
 
     root = Path(__file__).resolve().parent.parent
-    base = yaml.safe_load((root / "configs" / "distill" / "ring-js.yaml").read_text())
+    base = yaml.safe_load((root / "fastgen" / "configs" / "distill" / "ring-js.yaml").read_text())
     base.update(steps=12, batch_size=64, progress=False, log_every=1, checkpoint_every=6, num_threads=None)
     base["network"] = {"kind": "mlp", "in_dim": 2, "width": 32, "depth": 1}
     base["data"]["num_samples"] = 1024
@@ -457,7 +457,7 @@ def test_cli_distill_writes_a_loadable_student_and_rejects_bad_configs(tmp_path,
     from fastgen.cli import main
 
     root = Path(__file__).resolve().parent.parent
-    cfg = str(root / "configs" / "distill" / "ring-js.yaml")
+    cfg = str(root / "fastgen" / "configs" / "distill" / "ring-js.yaml")
     common = [
         "--no-progress",
         "--set",

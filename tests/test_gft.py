@@ -167,9 +167,9 @@ def test_trainer_runs_the_mixture_gft_config(tmp_path):
 
     from fastgen.train import Trainer, load_config
 
-    cfg = load_config("configs/train/mixture-gft.yaml",
+    cfg = load_config("fastgen/configs/train/mixture-gft.yaml",
                       ["steps=2", "batch_size=64", f"output_dir={tmp_path}", "progress=false", "log_every=1"])
     recs = Trainer(cfg).train()
     assert len(recs) == 2 and all(math.isfinite(r["loss/main"]) and "loss_u" in r for r in recs)
     with pytest.raises(ValueError, match="beta"):
-        Trainer(load_config("configs/train/mixture-gft.yaml", ["network.scalars=[]", f"output_dir={tmp_path}/b"]))
+        Trainer(load_config("fastgen/configs/train/mixture-gft.yaml", ["network.scalars=[]", f"output_dir={tmp_path}/b"]))

@@ -364,7 +364,7 @@ def test_bootstrap_cfg_applies_only_to_the_smallest_level_and_counts_calls():
 def test_trainer_runs_the_mixture_shortcut_config(tmp_path):
     from fastgen.train import Trainer, load_config
 
-    cfg = load_config("configs/train/mixture-shortcut.yaml",
+    cfg = load_config("fastgen/configs/train/mixture-shortcut.yaml",
                       ["steps=3", "batch_size=64", f"output_dir={tmp_path}", "progress=false", "log_every=1"])
     trainer = Trainer(cfg)
     recs = trainer.train()
@@ -372,7 +372,7 @@ def test_trainer_runs_the_mixture_shortcut_config(tmp_path):
     assert trainer.method.ema_updates == 3  # once per optimizer step
     assert "target_net" in trainer.method.frozen()
     # the method's state (the bootstrap-target EMA) round-trips through the checkpoint
-    resumed = Trainer(load_config("configs/train/mixture-shortcut.yaml",
+    resumed = Trainer(load_config("fastgen/configs/train/mixture-shortcut.yaml",
                                   ["steps=3", "batch_size=64", f"output_dir={tmp_path}", "progress=false"]))
     resumed._maybe_resume()
     assert resumed.method.ema_updates == 3

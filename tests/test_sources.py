@@ -20,7 +20,7 @@ from fastgen.models import build_network, load, load_model, model_info
 from fastgen.models.sources import check_schedule_fits
 from fastgen.models.zoo import ema_state_from_checkpoint, latest_checkpoint_of
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "fastgen" / "configs"
 
 
 def _sample(capsys, *args: str) -> tuple[dict, torch.Tensor]:

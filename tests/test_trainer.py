@@ -158,7 +158,7 @@ def test_yaml_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="key=value"):
         load_config(p, ["steps"])
     for name in ("digits-edm", "digits-flow", "mixture-edm", "mixture-flow"):
-        load_config(REPO / "configs" / "train" / f"{name}.yaml")  # the shipped configs parse
+        load_config(REPO / "fastgen" / "configs" / "train" / f"{name}.yaml")  # the shipped configs parse
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):

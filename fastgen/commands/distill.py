@@ -1,6 +1,6 @@
-"""``fastgen distill CONFIG [--set key=value ...]``: distill a one-step student with f-distill.
+"""``fastgen distill NAME|CONFIG [--set key=value ...]``: distill a one-step student with f-distill.
 
-The config is a training config (``configs/distill/*.yaml``) whose ``method.name`` is ``fdistill``.
+The config is a training config (``fastgen/configs/distill/*.yaml``) whose ``method.name`` is ``fdistill``.
 After training, the EMA student is written to ``<output_dir>/student.safetensors`` + ``student.json``
 (load with :func:`fastgen.distill.load_student` or wrap in :class:`fastgen.distill.OneStepPipeline`);
 ``--export NAME`` also writes it into the model zoo folder as ``NAME`` (``fastgen.models.load(NAME)``).
@@ -14,23 +14,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastgen.commands._configs import add_config_arguments, resolve_config
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "distill",
-        help="distill a one-step student (f-distill / DMD2) from a YAML config (configs/distill/*.yaml)",
+        help="distill a one-step student (f-distill / DMD2) from a shipped config NAME or a YAML path",
         description="Train a one-step student by f-divergence distribution matching with fastgen's trainer. "
         "Re-running resumes from the latest checkpoint in output_dir.",
     )
-    p.add_argument("config", help="YAML run config, e.g. configs/distill/digits-js.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set steps=2000 --set method.divergence=forward_kl",
-    )
+    add_config_arguments(p, "distill", "digits-js")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     p.add_argument("--export", metavar="NAME", default=None, help="also write the student to the model zoo as NAME")
     p.add_argument("--eval", metavar="N", type=int, default=0, help="digits only: FD_digits of N student samples")
@@ -50,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval and args.eval < 2:
         raise ValueError(f"--eval must be 0 (off) or >= 2 samples, got {args.eval}")
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(resolve_config(args.config, "distill"), overrides)
     if cfg.method.get("name") != "fdistill":
         raise ValueError(f"method.name must be 'fdistill' for fastgen distill, got {cfg.method.get('name')!r}")
     import time

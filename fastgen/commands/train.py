@@ -1,4 +1,4 @@
-"""``fastgen train CONFIG [--set key=value ...]``: run a training config with fastgen's trainer.
+"""``fastgen train NAME|CONFIG [--set key=value ...]``: run a training config with fastgen's trainer.
 
 Multi-process: ``accelerate launch --num_processes 2 [--cpu] -m fastgen.cli train CONFIG``.
 """
@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import argparse
 
+from fastgen.commands._configs import add_config_arguments, resolve_config
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a model from a YAML config (configs/train/*.yaml)",
+        help="train a model from a YAML config (shipped: fastgen train NAME, or a YAML path)",
         description="Train with fastgen's accelerate trainer. The run directory (output_dir) receives "
         "config.yaml, metrics.jsonl and checkpoints/; re-running resumes from the latest checkpoint.",
     )
-    p.add_argument("config", help="YAML run config, e.g. configs/train/digits-edm.yaml")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value (dotted key, YAML value), e.g. --set steps=2000 --set optim.lr=3e-4",
-    )
+    add_config_arguments(p, "train", "digits-edm")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     p.set_defaults(func=run)
 
@@ -29,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from fastgen.train import Trainer, load_config
 
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(resolve_config(args.config, "train"), overrides)
     trainer = Trainer(cfg)
     records = trainer.train()
     if trainer.acc.is_main_process:

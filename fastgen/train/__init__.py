@@ -1,7 +1,7 @@
 """Training: the accelerate :class:`Trainer`, run configs, and the methods it trains.
 
 See ``docs/training.md``. Methods implement :class:`fastgen.train.method.Method`; configs are
-:class:`fastgen.train.config.TrainConfig` (YAML in ``configs/train/``).
+:class:`fastgen.train.config.TrainConfig` (YAML in ``fastgen/configs/train/``).
 """
 
 from fastgen.train import edm, flow, gft, shortcut  # noqa: F401  (register their methods)
