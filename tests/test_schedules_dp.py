@@ -47,7 +47,7 @@ def test_cost_matrix_zero_for_exact_affine_flow():
     x_t = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
     mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
     states = torch.stack([mean + (s / 10.0) * (x_t - mean) for s in grid])
-    for metric in ("l2", "l1", "dev"):
+    for metric in ("l2", "l1", "dev", "mse", "abs_dev"):
         c = cost_matrix(den, grid, states, metric=metric)
         finite = c[torch.isfinite(c)]
         assert finite.numel() == 7 * 6 // 2 and float(finite.abs().max()) < 1e-10

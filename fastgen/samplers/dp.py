@@ -3,9 +3,12 @@
 1. Solve the ODE accurately on a fine grid of ``K + 1`` sigmas (Karras rho = 7 from ``sigma_max``
    to ``sigma_min``, then 0) for a few hundred noises: teacher states ``X[0..K]``.
 2. Cost ``C[i, j]`` (i < j): one coarse step (Euler with the teacher's derivative by default, or
-   Heun) from ``X[i]`` at ``sigma_i`` to ``sigma_j``, compared with ``X[j]`` by a metric ("l2":
-   mean squared error, "l1", or GITS' "dev": the absolute difference of the deviation from the
-   straight line between ``X[0]`` and ``X[K]``), averaged over noises.
+   Heun) from ``X[i]`` at ``sigma_i`` to ``sigma_j``, compared with ``X[j]`` by a metric averaged over
+   noises (see :data:`METRICS`). GITS' own costs: ``"l2"`` (per-sample L2 norm), ``"l1"`` (per-sample
+   mean absolute error: GITS' L1 norm divided by the dimension, so the same schedules) and ``"dev"``
+   (signed difference of the batch-mean deviations from the straight line between ``X[0]`` and
+   ``X[K]``). fastgen's variants: ``"mse"`` (mean squared error) and ``"abs_dev"`` (mean absolute
+   difference of the per-sample deviations).
 3. Dynamic programming ``V[k][i] = min_{j > i} C[i, j] + coeff * V[k-1][j]`` with
    ``V[1][i] = C[i, K]``: the cheapest path from ``sigma_max`` to 0 in exactly ``k`` steps, for every
    ``k`` up to the largest requested at once (O(k K^2)). ``coeff = 1`` is BOSS; GITS uses 1.15-1.2.
@@ -31,7 +34,8 @@ from fastgen.core.solvers import get_solver
 from fastgen.samplers.ays import _sigma_range
 from fastgen.samplers.schedule import Schedule, steps_within_nfe
 
-METRICS = ("l2", "l1", "dev")
+#: Cost metrics: GITS' ``l2``, ``l1``, ``dev`` and fastgen's ``mse``, ``abs_dev`` (see :func:`step_metric`).
+METRICS = ("l2", "l1", "dev", "mse", "abs_dev")
 COST_STEPS = ("euler", "heun")
 #: Coefficients tried by ``coeff="auto"`` (1.0 is BOSS; GITS uses 1.15-1.2).
 AUTO_COEFFS = (1.0, 1.1, 1.2, 1.35, 1.5, 2.0)
@@ -93,10 +97,19 @@ def brute_force_select(cost: torch.Tensor, steps: int, coeff: float = 1.0) -> tu
     return best
 
 
-def _metric(pred: torch.Tensor, target: torch.Tensor, metric: str, start: torch.Tensor, end: torch.Tensor
-            ) -> torch.Tensor:
-    """Per-sample metric between (B, d) tensors; ``start``/``end`` (B, d) define GITS' line."""
+def step_metric(pred: torch.Tensor, target: torch.Tensor, metric: str, start: torch.Tensor, end: torch.Tensor
+                ) -> torch.Tensor:
+    """Per-sample cost (B,) between (B, d) tensors; ``start``/``end`` (B, d) define GITS' line.
+
+    The batch mean of this is the cost matrix entry. GITS (Chen et al. 2024, ``get_dp_list``):
+    ``"l2"``: ``||pred - target||_2``; ``"l1"``: ``mean |pred - target|``; ``"dev"``:
+    ``dev(pred) - dev(target)``, signed, whose batch mean is GITS' difference of mean deviations
+    (``dev(y)``: norm of ``y - start`` orthogonal to ``end - start``). fastgen's variants:
+    ``"mse"``: ``mean (pred - target)^2``; ``"abs_dev"``: ``|dev(pred) - dev(target)|``.
+    """
     if metric == "l2":
+        return (pred - target).norm(dim=1)
+    if metric == "mse":
         return ((pred - target) ** 2).mean(1)
     if metric == "l1":
         return (pred - target).abs().mean(1)
@@ -107,7 +120,8 @@ def _metric(pred: torch.Tensor, target: torch.Tensor, metric: str, start: torch.
         r = y - start
         return (r - (r * u).sum(1, keepdim=True) * u).norm(dim=1)
 
-    return (dev(pred) - dev(target)).abs()
+    diff = dev(pred) - dev(target)
+    return diff if metric == "dev" else diff.abs()
 
 
 def cost_matrix(
@@ -115,7 +129,7 @@ def cost_matrix(
     grid: torch.Tensor,
     states: torch.Tensor,
     *,
-    metric: str = "l2",
+    metric: str = "mse",
     cost_step: str = "euler",
     progress: bool = False,
     **cond: Any,
@@ -145,7 +159,7 @@ def cost_matrix(
                     d_j = d_j.reshape(x_i.shape[0], -1)
                     slope = 0.5 * ((xi - d_i) / s_i + (pred - d_j) / s_j)
                     pred = xi + (s_j - s_i) * slope
-                cost[i, j] = float(_metric(pred, flat[j], metric, start, end).mean())
+                cost[i, j] = float(step_metric(pred, flat[j], metric, start, end).mean())
     return cost
 
 
@@ -159,7 +173,7 @@ def dp_schedules(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     rho: float = 7.0,
-    metric: str | Sequence[str] = ("l2", "dev"),
+    metric: str | Sequence[str] = ("mse", "abs_dev"),
     cost_step: str = "euler",
     coeff: float | Sequence[float] | str = "auto",
     class_labels: torch.Tensor | None = None,
@@ -173,7 +187,8 @@ def dp_schedules(
     Args:
         noise: (B, ...) unit Gaussian noises; the teacher starts at ``noise * sigma_max``.
         grid_size: K, the fine grid's intervals (Karras rho from ``sigma_max`` to ``sigma_min``, then 0).
-        metric: one metric or several (one cost matrix each).
+        metric: one of :data:`METRICS` or several (one cost matrix each). The default, fastgen's
+            ``("mse", "abs_dev")``, is what the schedules in BENCHMARKS.md used; ``("l2", "dev")`` are GITS'.
         cost_step: the coarse step of the cost ("euler" as in GITS/BOSS, or "heun").
         coeff: the GITS coefficient (``1.0`` is BOSS), a list of them, or ``"auto"``
             (= ``AUTO_COEFFS``). With several (metric, coeff) choices, each gives a path per step
