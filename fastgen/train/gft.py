@@ -167,7 +167,8 @@ def from_config(cfg: Any) -> GFTMethod:
     """Factory for ``method: {name: gft, init: ..., ...GFTMethod kwargs}``.
 
     ``cfg.network`` must declare the scalar ``beta`` (``scalars: [beta]``, ``scalar_defaults: {beta: 1.0}``).
-    ``init`` (optional) fine-tunes from a pretrained model: a zoo name (``digits-edm``) or a ``.safetensors``
+    ``init`` (optional) fine-tunes from a pretrained model: a :func:`fastgen.models.load_model` source (a zoo
+    name such as ``digits-edm``, a training run or checkpoint) or a ``.safetensors``
     path whose keys fit the network minus the beta embedding; the beta embedding's output layer is then
     zero-initialised so step 0 is exactly the pretrained model.
     """
@@ -188,10 +189,14 @@ def from_config(cfg: Any) -> GFTMethod:
             from safetensors.torch import load_file
 
             state = load_file(str(init))
-        else:
-            from fastgen.models.zoo import load_network
+        else:  # any load_model source with an EDM-wrapped network: a zoo name, a training run or checkpoint
+            from fastgen.models import load_model
 
-            state = load_network(str(init)).state_dict()
+            src = load_model(str(init))
+            inner = getattr(src.denoiser, "net", None)
+            if inner is None:
+                raise ValueError(f"init {init!r} is a {src.kind} model without an EDM network to start from")
+            state = inner.state_dict()
         missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         bad = [k for k in missing if not k.startswith("cond.scalar_embed.beta")]
         if bad or unexpected:
