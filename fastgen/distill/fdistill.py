@@ -291,8 +291,15 @@ class FDistill:
     def frozen(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher}
 
+    def end_step(self) -> None:
+        """Called by the trainer on every process after all micro-batches of an optimizer step: the
+        ratio bins take the step's statistics (summed over shards and processes)."""
+        self.bins.commit()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Non-network state for exact resume: the ratio-bin means."""
+        """Non-network state for exact resume: the ratio-bin means (pending statistics applied)."""
+        if getattr(self.bins, "pending", None) is not None:
+            self.bins.commit()
         return {"ratio_bins": self.bins.means.detach().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -304,6 +311,7 @@ class FDistill:
                 f"ratio_bins has shape {tuple(bins.shape)}, expected {tuple(self.bins.means.shape)}"
             )
         self.bins.means.copy_(bins)
+        self.bins.pending = None
 
     def to(self, device: str | torch.device) -> FDistill:
         """Move every network and the ratio bins to ``device`` (the trainer does this itself)."""
@@ -446,8 +454,7 @@ class FDistill:
         if need_r:
             assert logits is not None
             r = logit_to_ratio(logits, cfg.logit_clamp, cfg.ratio_clip)
-            self.bins.update(r, sigma)
-            r_t = self.bins.normalise(r, sigma)
+            r_t = self.bins.shard_normalise(r, sigma)
             h = normalise_h(self.div.h(r_t))
             logs.update(_stats("r", r))
             logs.update(_stats("r_norm", r_t))
@@ -566,6 +573,9 @@ class FDistill:
         def randn() -> torch.Tensor:
             return torch.randn(x_real.shape, generator=generator, device=gdev).to(dev, x_real.dtype)
 
+        if getattr(self.bins, "pending", None) is not None and step != getattr(self, "_pending_step", step):
+            self.bins.commit()  # used without the trainer: the previous step ends when a new one starts
+        self._pending_step = step
         self.last_logs = {}
         out: dict[str, torch.Tensor] = {}
         z = randn()

@@ -1,13 +1,19 @@
 """Density ratio ``r = p_teacher / q_student`` from discriminator logits, and its normalisation chain.
 
-The chain (f-distill card, section 4; all detached, float32, all-reduced across processes):
+The chain (f-distill card, section 4; all detached, float32). Every statistic a sample is normalised
+with comes from its own micro-batch (shard) and the ratio-bin buffer as it was at the start of the
+optimizer step, and the buffer's update sums the shards' statistics (across processes with accelerate's
+``reduce``) once per step, so a run does not depend on how many processes share the shards:
 
 1. :func:`logit_to_ratio` -- mean over heads -> clamp ``[-10, 10]`` -> exp -> clip ``[0.1, 20]`` -> detach.
 2. :class:`RatioBins` -- per-time-bin normalisation ``r~ = r / (b_k + 1e-6)`` with bins equal-width
    in **log sigma** (not raw sigma, which puts most samples into the first bin) and an EMA
    ``b_k <- rho b_k + (1 - rho) mean(r | bin k)`` updated only for bins that received samples. The bin
-   buffer is a persistent buffer, so it lands in the checkpoint.
-3. :func:`normalise_h` -- ``h~ = h / mean(h)`` over the global batch (mean clamped below at 1e-6),
+   buffer is a persistent buffer, so it lands in the checkpoint. :meth:`RatioBins.shard_normalise`
+   normalises one shard with ``rho b_k + (1 - rho) mean(r | bin k, shard)`` and defers the buffer
+   update to :meth:`RatioBins.commit` (sums and counts of every shard of the step); with one shard this
+   is exactly :meth:`RatioBins.update` followed by :meth:`RatioBins.normalise`.
+3. :func:`normalise_h` -- ``h~ = h / mean(h)`` over the micro-batch (mean clamped below at 1e-6),
    so ``mean(h~) = 1``; a constant ``h`` (reverse-KL) gives exactly ones.
 4. the DMD per-sample weight ``1 / (mean over features of |x_i - D_teacher,i| + eps)`` is applied in
    :func:`fastgen.distill.fdistill.dmd_gradient`.
@@ -29,10 +35,11 @@ def _dist_ready() -> bool:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over processes when ``torch.distributed`` is initialised (identity otherwise)."""
+    """Sum ``t`` over processes (accelerate's ``reduce``) when ``torch.distributed`` is initialised."""
     if _dist_ready():
-        t = t.clone()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        from accelerate.utils import reduce
+
+        return reduce(t.clone(), reduction="sum")
     return t
 
 
@@ -90,18 +97,44 @@ class RatioBins(nn.Module):
         u = (sigma.detach().double().log() - self.log_min) / (self.log_max - self.log_min)
         return (u * self.num_bins).floor().long().clamp(0, self.num_bins - 1)
 
-    @torch.no_grad()
-    def update(self, r: torch.Tensor, sigma: torch.Tensor) -> None:
-        """EMA-update the bins that received samples (sums and counts all-reduced across processes)."""
+    def _stats(self, r: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         idx = self.bin_index(sigma).to(self.means.device)
         r = r.detach().float().to(self.means.device)
         sums = torch.zeros(self.num_bins, device=self.means.device).index_add_(0, idx, r)
         counts = torch.zeros(self.num_bins, device=self.means.device).index_add_(0, idx, torch.ones_like(r))
-        stats = all_reduce_sum(torch.stack([sums, counts]))
+        return torch.stack([sums, counts])
+
+    def _ema(self, means: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
         sums, counts = stats[0], stats[1]
         hit = counts > 0
-        batch_mean = sums[hit] / counts[hit]
-        self.means[hit] = self.rho * self.means[hit] + (1 - self.rho) * batch_mean
+        out = means.clone()
+        out[hit] = self.rho * means[hit] + (1 - self.rho) * (sums[hit] / counts[hit])
+        return out
+
+    @torch.no_grad()
+    def update(self, r: torch.Tensor, sigma: torch.Tensor) -> None:
+        """EMA-update the bins that received samples (sums and counts summed across processes)."""
+        self.means.copy_(self._ema(self.means, all_reduce_sum(self._stats(r, sigma))))
+
+    @torch.no_grad()
+    def shard_normalise(self, r: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Normalise one shard's ``r`` with the step-start bins EMA'd with this shard's bin means;
+        the shard's sums and counts wait in ``self.pending`` for :meth:`commit`. Returns ``r~`` (detached)."""
+        stats = self._stats(r, sigma)
+        pending = getattr(self, "pending", None)
+        self.pending = stats if pending is None else pending + stats
+        idx = self.bin_index(sigma).to(self.means.device)
+        cur = self._ema(self.means, stats)
+        return (r.detach().float() / (cur[idx].to(r.device) + self.eps)).detach()
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Apply the step's pending shard statistics (summed over processes) to the buffer; every
+        process must call it once per optimizer step (a collective when distributed)."""
+        pending = getattr(self, "pending", None)
+        stats = pending if pending is not None else torch.zeros(2, self.num_bins, device=self.means.device)
+        self.pending = None
+        self.means.copy_(self._ema(self.means, all_reduce_sum(stats)))
 
     def normalise(self, r: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``r / (b_k + eps)`` for each sample's bin ``k`` (detached)."""
@@ -110,11 +143,11 @@ class RatioBins(nn.Module):
 
 
 def normalise_h(h: torch.Tensor, min_mean: float = 1e-6) -> torch.Tensor:
-    """``h / mean(h)`` (detached, float32) with the mean over the global batch (all processes).
+    """``h / mean(h)`` (detached, float32) with the mean over ``h`` (one micro-batch; no process sees
+    another's shard, so the process count does not change it).
 
     The mean is clamped below at ``min_mean``; a constant ``h`` gives exactly ones.
     """
     h = h.detach().float()
-    stats = all_reduce_sum(torch.stack([h.sum(), torch.tensor(float(h.numel()), device=h.device)]))
-    mean = (stats[0] / stats[1]).clamp_min(min_mean)
+    mean = (h.sum() / float(h.numel())).clamp_min(min_mean)
     return h / mean

@@ -438,6 +438,9 @@ class Trainer:
             norms[n] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs])))\
                 if gs else 0.0
         self._check_health(step, names, lvec, norms)
+        end_step = getattr(self.method, "end_step", None)
+        if callable(end_step):  # cross-shard method state (f-distill's ratio bins), once per step
+            end_step()
         for name in names:
             ps = self.opt_params[name]
             o = self._optim_settings(name)
@@ -500,7 +503,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, **logs,
                            "samples_per_s": (self.step - s0) * cfg.batch_size / max(dt, 1e-9),
-                           "wall_s": dt}
+                           "wall_s": dt, "world_size": self.world}
                     records.append(rec)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
                     if self.acc.is_main_process:
