@@ -16,6 +16,7 @@ from fastgen.metrics.compute import (
     kid,
     precision_recall,
 )
+from fastgen.metrics.coverage import class_diversity, fd_to_teacher, knn_precision_recall, mean_ci
 from fastgen.metrics.digits import digits_fd, digits_features, digits_logits
 from fastgen.metrics.features import (
     DigitsExtractor,
@@ -32,6 +33,10 @@ from fastgen.metrics.stats import FeatureStatistics, frechet_distance
 __all__ = [
     "FeatureStatistics",
     "frechet_distance",
+    "knn_precision_recall",
+    "fd_to_teacher",
+    "class_diversity",
+    "mean_ci",
     "digits_fd",
     "digits_features",
     "digits_logits",
