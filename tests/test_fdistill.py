@@ -349,8 +349,8 @@ def test_student_save_load_and_pipeline(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(z, lab), student(z, lab))
     pipe = OneStepPipeline.from_pretrained(tmp_path / "s")
-    a = pipe(5, class_labels=lab, generator=torch.Generator().manual_seed(1)).images
-    b = pipe(5, class_labels=lab, generator=torch.Generator().manual_seed(1)).images
+    a = pipe(5, class_labels=lab, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    b = pipe(5, class_labels=lab, generator=torch.Generator().manual_seed(1), output_type="pt").images
     assert a.shape == (5, 4) and torch.equal(a, b)
     with torch.no_grad():
         assert torch.equal(a, student(torch.randn(5, 4, generator=torch.Generator().manual_seed(1)), lab))

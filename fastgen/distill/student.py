@@ -11,15 +11,15 @@
   ``<path>.json``; the JSON holds the network *recipe* (``{"kind": NAME, **kwargs}``, a network of
   :mod:`fastgen.models.registry`), the sampling sigma, the sample shape and free-form metadata. Only
   registered names are accepted, nothing is imported by module path and no pickle is ever loaded.
-- :class:`OneStepPipeline` -- a one-step Diffusers-style pipeline object:
-  ``pipe(batch_size, class_labels=None, generator=None, output_type="pt"|"np"|"pil").images``.
+- :class:`OneStepPipeline` (:mod:`fastgen.distill.onestep_pipeline`) -- a one-step pipeline with
+  Diffusers conventions: ``pipe(batch_size, class_labels=..., prompt=..., num_images_per_prompt=...,
+  generator=..., output_type="pil"|"np"|"pt").images``, ``save_pretrained`` / ``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,91 +182,6 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
     )
     return student.to(map_location).eval().requires_grad_(False), doc
 
-
-@dataclass
-class OneStepPipelineOutput:
-    """``images``: a ``(B, C, H, W)`` tensor in the model's range (``output_type="pt"``), a
-    ``(B, H, W, C)`` float array in [0, 1] (``"np"``) or a list of PIL images (``"pil"``)."""
-
-    images: Any
-
-
-class OneStepPipeline:
-    """A one-step Diffusers-style pipeline around a :class:`OneStepStudent`.
-
-    Args:
-        student: the generator.
-        sample_shape: per-sample shape, e.g. ``(1, 8, 8)``.
-        value_range: the model's data range, used to map to [0, 1] for ``"np"``/``"pil"`` output.
-
-    ``pipe(batch_size=1, class_labels=None, generator=None, output_type="pt")`` draws
-    ``z ~ N(0, I)`` from ``generator`` and returns a :class:`OneStepPipelineOutput` (one network call).
-    """
-
-    def __init__(
-        self,
-        student: OneStepStudent,
-        sample_shape: tuple[int, ...],
-        value_range: tuple[float, float] = (-1.0, 1.0),
-    ) -> None:
-        self.student = student
-        self.sample_shape = tuple(int(s) for s in sample_shape)
-        self.value_range = value_range
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kw: Any) -> OneStepPipeline:
-        """Build from a student saved by :func:`save_student` (or a zoo weights stem)."""
-        student, doc = load_student(path)
-        return cls(student, tuple(doc["sample_shape"]), **kw)
-
-    @property
-    def device(self) -> torch.device:
-        p = next(self.student.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-
-    def to(self, device: str | torch.device) -> OneStepPipeline:
-        self.student.to(device)
-        return self
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        batch_size: int = 1,
-        class_labels: torch.Tensor | list[int] | int | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "pt",
-        **cond: Any,
-    ) -> OneStepPipelineOutput:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if output_type not in ("pt", "np", "pil"):
-            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
-        gdev = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn((batch_size, *self.sample_shape), generator=generator, device=gdev).to(self.device)
-        if class_labels is not None:
-            labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
-            if labels.numel() == 1:
-                labels = labels.expand(batch_size)
-            if labels.numel() != batch_size:
-                raise ValueError(
-                    f"class_labels must have 1 or batch_size={batch_size} entries, got {labels.numel()}"
-                )
-            cond = {"class_labels": labels, **cond}
-        x = self.student(z, cond)
-        if output_type == "pt":
-            return OneStepPipelineOutput(x)
-        lo, hi = self.value_range
-        img = ((x.float() - lo) / (hi - lo)).clamp(0, 1).cpu()
-        arr = img.permute(0, 2, 3, 1).numpy() if img.ndim == 4 else img.numpy()
-        if output_type == "np":
-            return OneStepPipelineOutput(arr)
-        from PIL import Image
-
-        pil = [
-            Image.fromarray((a[..., 0] if a.shape[-1] == 1 else a).__mul__(255).round().astype("uint8"))
-            for a in arr
-        ]
-        return OneStepPipelineOutput(pil)
-
-
 register_network("toy_mlp", toy_mlp)
+
+from fastgen.distill.onestep_pipeline import OneStepPipeline, OneStepPipelineOutput  # noqa: E402,F401  (re-export)
