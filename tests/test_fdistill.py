@@ -379,7 +379,7 @@ def test_from_config_with_a_local_diffusers_vp_teacher(tmp_path):
     import yaml
     from _tiny_models import vp_scheduler_config
 
-    from fastgen.distill.fdistill import from_config
+    from fastgen.distill.build import from_config
     from fastgen.train.config import config_from_dict
 
     tiny_unet(channels=1).save_pretrained(str(tmp_path / "unet"), safe_serialization=True)

@@ -8,8 +8,8 @@
 """
 
 from fastgen.distill import divergences
+from fastgen.distill.build import from_config as _fdistill_from_config
 from fastgen.distill.fdistill import FDistill, FDistillConfig, dmd_gradient, pseudo_target_loss
-from fastgen.distill.fdistill import from_config as _fdistill_from_config
 from fastgen.distill.student import OneStepPipeline, OneStepStudent, load_student, save_student, toy_mlp
 from fastgen.train.method import register_method
 
