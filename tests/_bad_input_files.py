@@ -151,6 +151,18 @@ def make_files(root: Path) -> dict[str, Path]:
     good = struct.pack("<Q", 2**20) + b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
     (f["pipe_trunc"] / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(good[:40])
 
+    # a training run whose checkpoint "safetensors" is a pickle (resume and load_model must refuse it)
+    run = root / "run_pickle"
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    from fastgen.commands._configs import resolve_config
+    from fastgen.train.config import load_config, save_config
+
+    save_config(load_config(resolve_config("mixture-edm", "train")), run / "config.yaml")
+    (run / "checkpoints" / "step_1" / "state.json").write_text(json.dumps({"format": 1, "step": 1}))
+    (run / "checkpoints" / "step_1" / "tensors.safetensors").write_bytes(pickle.dumps(payload))
+    (run / "checkpoints" / "latest").write_text("step_1")
+    f["run_pickle"] = run
+
     # PNGs: a 16-bit grayscale image folder and its 8-bit twin (same content)
     from PIL import Image
 

@@ -47,6 +47,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample-model-symlink-loop", ["sample", "--model", "{symlink_loop}", "--num", "2"], "loop"),
     ("sample-model-pipe-pickle", ["sample", "--model", "{pipe_pickle}", "--num", "2"], "pipe_pickle"),
     ("sample-model-pipe-trunc", ["sample", "--model", "{pipe_trunc}", "--num", "2"], "pipe_trunc"),
+    ("sample-model-run-pickle", ["sample", "--model", "{run_pickle}", "--num", "2", "--out", "{root}/o.npz"],
+     "tensors.safetensors"),
     ("sample-model-dotdot", ["sample", "--model", "{dotdot}", "--num", "2"], "no_such_dir_xyz"),
     ("sample-out-under-file", ["sample", "--num", "2", "--out", "{under_file}"], "--out"),
     ("sample-out-is-file", ["sample", "--num", "2", "--out", "{a_file}"], "--out"),
@@ -106,6 +108,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-set-no-equals", ["train", TRAIN, "--set", "steps"], "--set"),
     ("train-output-under-file", ["train", TRAIN, "--set", "output_dir={a_file}/run", "--set", "steps=1",
                                  "--no-progress"], "a_file.txt"),
+    ("train-resume-pickle", ["train", "mixture-edm", "--set", "output_dir={run_pickle}", "--set", "steps=2",
+                             "--no-progress"], "tensors.safetensors"),
     # ---- distill
     ("distill-empty-yaml", ["distill", "{empty_yaml}"], "empty.yaml"),
     ("distill-list-yaml-set", ["distill", "{list_yaml}", "--set", "steps=1"], "list.yaml"),
