@@ -36,7 +36,8 @@ def test_dp_and_ld3_on_mixture(tmp_path):
     assert main(["schedule", "ld3", "--model", "ring-mixture", "--solver", "heun", "--nfe", "5",
                  "--num-noise", "8", "--iterations", "5", "--out", str(out), "--no-progress"]) == 0
     s = Schedule.load(out)
-    assert s.method == "ld3" and s.num_evals() == 5 and s.eval_sigmas is not None
+    # LD3 counts Heun steps as the official code does: nfe // 2 = 2 steps (3 calls: the step to 0 is Euler)
+    assert s.method == "ld3" and s.steps == 2 and s.num_evals() == 3 and s.eval_sigmas is not None
 
 
 def test_ays_optimizer_on_mixture(tmp_path):

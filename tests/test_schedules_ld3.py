@@ -103,3 +103,47 @@ def test_init_from_a_schedule_reproduces_it():
     assert torch.allclose(flat, karras(5, 0.002, 80.0)[:-1], rtol=1e-9)
     with pytest.raises(ValueError, match="init schedule must have 6 sigmas"):
         init_logits(karras(3, 0.05, 80.0), 5, 0.002, 80.0)
+
+
+def _official_ld3_steps(solver: str, nfe: int) -> int:
+    """The official LD3 code: a Heun step costs two calls, every other solver one (NFE // order)."""
+    return nfe // 2 if solver == "heun" else nfe
+
+
+@pytest.mark.parametrize("solver,nfe", [("heun", 7), ("heun", 8), ("heun", 5), ("dpmpp_2m", 7), ("euler", 4)])
+def test_step_count_and_radius_follow_the_official_code(solver, nfe):
+    from fastgen.samplers.ld3 import ball_radius_for, ld3_steps
+
+    steps = _official_ld3_steps(solver, nfe)
+    assert ld3_steps(solver, nfe) == steps
+    # CIFAR-10 (d = 3 * 32 * 32): the official radius 0.001 d / N^2; NFE 7 with Heun -> N = 3 -> 0.3413
+    assert ball_radius_for(3072, steps) == pytest.approx(0.001 * 3072 / steps**2, rel=1e-15)
+    if (solver, nfe) == ("heun", 7):
+        assert round(ball_radius_for(3072, steps), 3) == 0.341
+
+
+def test_heun_schedule_has_official_steps_and_radius():
+    den = GaussianMixtureDenoiser(torch.ones(2) / 2, torch.stack([torch.full((3072,), -0.5), torch.full((3072,), 0.5)]),
+                                  stds=torch.tensor([0.3, 0.3]))
+    noise = torch.randn(4, 3072, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = learn_ld3(den, noise, solver="heun", nfe=7, iterations=2, progress=False,
+                  generator=torch.Generator().manual_seed(1))
+    assert s.steps == 3 and s.num_evals() == 5  # 3 Heun steps; the step to 0 is one Euler call
+    assert s.meta["ball_radius"] == pytest.approx(0.3413, abs=1e-4)
+
+
+def test_minibatch_rounds_and_validation_latents():
+    den = _mixture()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    # 6 training noises in minibatches of 2: 3 steps per round, (1 + 2) rounds -> 9 optimiser steps
+    s = learn_ld3(den, noise, solver="euler", nfe=4, rounds=(1, 2), batch_size=2, optimize_val_latents=True,
+                  ball_radius=0.05, patience=100, generator=g, progress=False)
+    assert s.meta["iterations"] == 9 and s.meta["rounds"] == [1, 2]
+    assert 0 < s.meta["max_val_latent_shift"] <= 0.05 + 1e-12
+    assert s.meta["max_latent_shift"] <= 0.05 + 1e-12
+    hard = learn_ld3(den, noise, solver="euler", nfe=4, rounds=(1, 2), batch_size=2, ball_radius=0.05,
+                     patience=100, generator=torch.Generator().manual_seed(0), progress=False)
+    assert hard.meta["max_val_latent_shift"] == 0.0
+    with pytest.raises(ValueError, match="rounds"):
+        learn_ld3(den, noise, solver="euler", nfe=4, rounds=(0, 0), progress=False)

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastgen.core.schedules import karras, loglinear_interp
+from fastgen.samplers.optim_common import resolve_sigma_range
 from fastgen.samplers.schedule import Schedule
 
 #: Published 10-step AYS sigmas (high -> low, 11 knots, ending in the model's minimum sigma).
@@ -175,20 +176,6 @@ def klub_intervals(
 # ----------------------------------------------------------------------------------------------
 
 
-def _sigma_range(denoiser: Any, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
-    """Resolve and check the schedule's sigma range against the denoiser's (ValueError if outside)."""
-    m_lo, m_hi = getattr(denoiser, "sigma_min", None), getattr(denoiser, "sigma_max", None)
-    lo = float(sigma_min if sigma_min is not None else (m_lo if m_lo is not None else 0.002))
-    hi = float(sigma_max if sigma_max is not None else (m_hi if m_hi is not None else 80.0))
-    if not (0 < lo < hi) or not math.isfinite(hi):
-        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={lo}, sigma_max={hi}")
-    if m_lo is not None and lo < float(m_lo) * (1 - 1e-6):
-        raise ValueError(f"sigma_min={lo:.6g} is below the model's sigma_min={float(m_lo):.6g}")
-    if m_hi is not None and hi > float(m_hi) * (1 + 1e-6):
-        raise ValueError(f"sigma_max={hi:.6g} is above the model's sigma_max={float(m_hi):.6g}")
-    return lo, hi
-
-
 def _check_data(data: Any, name: str = "data") -> torch.Tensor:
     if not isinstance(data, torch.Tensor) or data.ndim < 2:
         raise ValueError(f"{name} must be a tensor of shape (N, ...) with N >= 1")
@@ -248,7 +235,7 @@ def optimize_ays(
     """
     t_start = time.perf_counter()
     data = _check_data(data)
-    lo, hi = _sigma_range(denoiser, sigma_min, sigma_max)
+    lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
     if n is None:
         from fastgen.samplers.schedule import steps_within_nfe
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from fastgen.core.ode import reference_trajectory
 from fastgen.core.schedules import karras
 from fastgen.core.solvers import get_solver
-from fastgen.samplers.ays import _sigma_range
+from fastgen.samplers.optim_common import resolve_sigma_range
 from fastgen.samplers.schedule import Schedule, steps_within_nfe
 
 #: Cost metrics: GITS' ``l2``, ``l1``, ``dev`` and fastgen's ``mse``, ``abs_dev`` (see :func:`step_metric`).
@@ -214,7 +214,7 @@ def dp_schedules(
                                                          else [float(c) for c in coeff])
     if not metrics or not coeffs:
         raise ValueError("metric and coeff must name at least one choice each")
-    lo, hi = _sigma_range(denoiser, sigma_min, sigma_max)
+    lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
     if class_labels is not None:
         cond = {**cond, "class_labels": class_labels}
     grid = karras(grid_size, lo, hi, rho=rho)

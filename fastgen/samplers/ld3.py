@@ -21,6 +21,11 @@ For one solver and one NFE budget, the schedule is learned by backpropagating th
   split every iteration, patience: reload the best state and multiply the learning rates by 0.8;
   stop at ``iterations`` or after the learning rate hit its floor ``max_floor_hits`` times.
 
+Official options: ``rounds=(2, 5)`` with ``batch_size=2`` sweeps the training split in minibatches,
+two rounds on the logits then five on both (validating after every minibatch), and
+``optimize_val_latents`` gives the validation split its own ball latents (a soft validation loss).
+Steps: a multi-call solver gets ``nfe // calls_per_step`` steps (:func:`ld3_steps`; Heun: ``nfe // 2``).
+
 Cost: the latent acceptance test adds one no-grad solve per iteration (``ball_radius=0`` skips it).
 """
 
@@ -30,6 +35,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -38,8 +44,8 @@ from tqdm.auto import tqdm
 from fastgen.core.ode import reference_solve
 from fastgen.core.schedules import karras
 from fastgen.core.solvers import get_solver, heun
-from fastgen.samplers.ays import _sigma_range
-from fastgen.samplers.schedule import OffsetDenoiser, Schedule, steps_within_nfe
+from fastgen.samplers.optim_common import Patience, resolve_sigma_range, split_cond
+from fastgen.samplers.schedule import OffsetDenoiser, Schedule
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -104,9 +110,218 @@ def teacher_endpoints(denoiser: Callable[..., torch.Tensor], x_t: torch.Tensor, 
         return heun(denoiser, x_t, grid, **cond)
 
 
-def _split_cond(cond: dict[str, Any], n: int, idx: torch.Tensor) -> dict[str, Any]:
-    return {k: (v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v)
-            for k, v in cond.items()}
+def ld3_steps(solver: str, nfe: int) -> int:
+    """LD3's step count for ``nfe``: ``nfe // 2`` for Heun (two calls per step, as the official code
+    counts it), ``nfe`` for the one-call solvers."""
+    get_solver(solver)
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    return nfe // 2 if solver == "heun" else nfe
+
+
+def ball_radius_for(dim: int, steps: int) -> float:
+    """The paper's soft-loss radius ``0.001 d / steps^2`` (unit-noise units; CIFAR-10 d = 3072)."""
+    return 0.001 * dim / steps**2
+
+
+@dataclass
+class LD3Options:
+    """Hyper-parameters of :func:`learn_ld3` (defaults: the paper's, full-batch iterations).
+
+    - ``sigma_min``/``sigma_max``: end knots (VE); default the denoiser's range or [0.002, 80].
+    - ``teacher_steps``: Heun steps of the teacher (None: adaptive reference ODE).
+    - ``train_fraction``: share of the noises that trains; the rest validates (early stopping).
+    - ``iterations``/``warmup_iterations``: optimiser steps, and how many of them move the logits only
+      (default a third). Ignored when ``rounds=(warm, joint)`` is given: then each round sweeps the
+      shuffled training split in minibatches of ``batch_size`` (the official trainer).
+    - ``decoupled``: also learn the evaluation offsets (params2).
+    - ``ball_radius``: soft-loss radius r on the unit-noise latent (None: :func:`ball_radius_for`;
+      0: hard loss). ``optimize_val_latents``: validation noises get latents in the ball too.
+    - ``distance``: per-sample differentiable ``(B, ...) x (B, ...) -> (B,)`` (default RMSE).
+    - ``lr``/``lr_offsets``/``lr_latent``: RMSprop on logits, SGD on offsets (0.1/steps), latent step
+      (12/steps). ``patience``, ``min_lr``, ``max_floor_hits``: the early-stopping rule.
+    - ``init``: "loglinear", "karras", or a schedule ending in 0 with the solver's step count.
+    """
+
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    teacher_steps: int | None = None
+    train_fraction: float = 0.5
+    iterations: int = 150
+    warmup_iterations: int | None = None
+    rounds: tuple[int, int] | None = None
+    decoupled: bool = True
+    ball_radius: float | None = None
+    optimize_val_latents: bool = False
+    distance: Distance | None = None
+    lr: float = 0.005
+    lr_offsets: float | None = None
+    lr_latent: float | None = None
+    batch_size: int | None = None
+    patience: int = 5
+    min_lr: float = 5e-5
+    max_floor_hits: int = 5
+    init: str | Schedule | torch.Tensor = "loglinear"
+
+    def check(self) -> None:
+        if not 0 < self.train_fraction < 1:
+            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"iterations must be a positive integer, got {self.iterations!r}")
+        if self.rounds is not None and (len(self.rounds) != 2 or min(self.rounds) < 0 or sum(self.rounds) < 1):
+            raise ValueError(
+                f"rounds must be (warmup_rounds, joint_rounds) >= 0 with a positive sum, got {self.rounds!r}"
+            )
+        if isinstance(self.init, str) and self.init not in ("loglinear", "karras"):
+            raise ValueError(f"init must be 'loglinear', 'karras', a Schedule or a sigma tensor, got {self.init!r}")
+        if self.ball_radius is not None and self.ball_radius < 0:
+            raise ValueError(f"ball_radius must be >= 0, got {self.ball_radius}")
+
+
+_OPTION_NAMES = {f.name for f in fields(LD3Options)}
+
+
+class _Problem:
+    """The fixed data of one LD3 run: solver, range, noises, teacher targets, split, radius."""
+
+    def __init__(self, denoiser, noise, solver, nfe, opts, targets, cond, generator):
+        self.denoiser, self.solver, self.nfe, self.opts = denoiser, solver, nfe, opts
+        self.solve = get_solver(solver)
+        self.steps = ld3_steps(solver, nfe)
+        if self.steps < 2:
+            raise ValueError(
+                f"nfe={nfe} is too small for solver {solver!r}: it allows {self.steps} step(s), and a learned "
+                "schedule needs at least 2 steps (one free sigma)"
+            )
+        self.lo, self.hi = resolve_sigma_range(denoiser, opts.sigma_min, opts.sigma_max)
+        if not isinstance(noise, torch.Tensor) or noise.ndim < 2 or noise.shape[0] < 2:
+            raise ValueError("noise must be a tensor of shape (M, ...) with M >= 2 (train and validation noises)")
+        self.noise, self.cond, self.m = noise, cond, noise.shape[0]
+        if targets is None:
+            targets = teacher_endpoints(denoiser, noise * self.hi, self.hi, opts.teacher_steps, **cond)
+        if targets.shape != noise.shape:
+            raise ValueError(f"targets must have the shape of noise {tuple(noise.shape)}, got {tuple(targets.shape)}")
+        self.targets = targets
+        perm = torch.randperm(self.m, generator=generator)
+        self.n_train = min(max(1, int(round(self.m * opts.train_fraction))), self.m - 1)
+        self.tr, self.va = perm[: self.n_train], perm[self.n_train :]
+        dim = noise[0].numel()
+        self.radius = ball_radius_for(dim, self.steps) if opts.ball_radius is None else float(opts.ball_radius)
+        self.distance = opts.distance or rmse_distance
+
+    def build(self, logits: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(solver sigmas ending in 0, evaluation sigmas) of the parameters."""
+        knots = logits_to_knots(logits, self.lo, self.hi)
+        ev = knots * torch.exp(clamp_offsets(offsets, knots))
+        return torch.cat([knots[:-1], knots.new_zeros(1)]), ev
+
+    def run(self, logits, offsets, x_unit: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        sig, ev = self.build(logits, offsets)
+        den = OffsetDenoiser(self.denoiser, sig, ev) if self.opts.decoupled else self.denoiser
+        with warnings.catch_warnings():  # the solvers test float(sigma) == 0 on a tensor with grad
+            warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+            return self.solve(den, x_unit * self.hi, sig.to(self.noise.dtype), **split_cond(self.cond, self.m, idx))
+
+    def loss(self, logits, offsets, x_unit, idx) -> torch.Tensor:
+        return self.distance(self.run(logits, offsets, x_unit, idx), self.targets[idx])
+
+
+class _Params:
+    """Learned state: logits, offsets, per-sample latents, their optimisers and latent step."""
+
+    def __init__(self, prob: _Problem):
+        o, steps = prob.opts, prob.steps
+        self.logits = init_logits(o.init, steps, prob.lo, prob.hi).requires_grad_(True)
+        self.offsets = torch.zeros(steps + 1, dtype=torch.float64, requires_grad=True)
+        self.latent = prob.noise.detach().clone().requires_grad_(True)  # all M rows; train rows move
+        self.opt1 = torch.optim.RMSprop([self.logits], lr=o.lr, momentum=0.9)
+        self.opt2 = torch.optim.SGD([self.offsets], lr=o.lr_offsets if o.lr_offsets is not None else 0.1 / steps)
+        self.lr_latent = o.lr_latent if o.lr_latent is not None else 12.0 / steps
+        self.accepted = 0
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits.detach().clone(), self.offsets.detach().clone()
+
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state[0])
+            self.offsets.copy_(state[1])
+
+
+def _batches(prob: _Problem, generator: torch.Generator | None) -> list[tuple[torch.Tensor, bool]]:
+    """The iteration plan: (indices into the training split, move offsets) per optimiser step."""
+    o, n = prob.opts, prob.n_train
+    bs = o.batch_size if o.batch_size is not None and o.batch_size < n else n
+    if o.rounds is not None:
+        out = []
+        for r in range(sum(o.rounds)):
+            perm = torch.randperm(n, generator=generator)
+            out += [(perm[i : i + bs], r >= o.rounds[0]) for i in range(0, n, bs)]
+        return out
+    warm = o.iterations // 3 if o.warmup_iterations is None else int(o.warmup_iterations)
+    return [(torch.randperm(n, generator=generator)[:bs] if bs < n else torch.arange(n), it >= warm)
+            for it in range(o.iterations)]
+
+
+def _latent_step(prob: _Problem, p: _Params, rows: torch.Tensor, before: torch.Tensor) -> None:
+    """Projected gradient step of the latents ``rows`` (indices into noise) inside the ball; a move
+    is kept per sample only if its loss fell; the step is halved when no move is kept."""
+    with torch.no_grad():
+        base = prob.noise[rows]
+        delta = p.latent[rows] - p.lr_latent * p.latent.grad[rows] - base
+        shape = (-1, *([1] * (delta.ndim - 1)))
+        norm = delta.reshape(delta.shape[0], -1).norm(dim=1).clamp(min=1e-20)
+        cand = base + delta * (prob.radius / norm).clamp(max=1.0).reshape(shape)
+        after = prob.loss(p.logits, p.offsets, cand, rows)
+        keep = (after < before).reshape(shape)
+        p.latent[rows] = torch.where(keep, cand, p.latent[rows])
+        p.accepted += int(keep.sum())
+        if not bool(keep.any()):
+            p.lr_latent *= 0.5
+
+
+def _train_step(prob: _Problem, p: _Params, bidx: torch.Tensor, use_off: bool) -> float:
+    """One optimiser step on the training rows ``prob.tr[bidx]``; returns the minibatch loss."""
+    rows = prob.tr[bidx]
+    p.opt1.zero_grad()
+    p.opt2.zero_grad()
+    p.latent.grad = None
+    x = p.latent[rows] if prob.radius > 0 else prob.noise[rows]
+    per_sample = prob.loss(p.logits, p.offsets if prob.opts.decoupled else p.offsets.detach(), x, rows)
+    per_sample.mean().backward()
+    torch.nn.utils.clip_grad_norm_([p.logits, p.offsets], 1.0)
+    p.opt1.step()
+    if use_off:
+        p.opt2.step()
+    if prob.radius > 0 and p.latent.grad is not None:
+        _latent_step(prob, p, rows, per_sample.detach())
+    return float(per_sample.mean().detach())
+
+
+def _validate(prob: _Problem, p: _Params) -> float:
+    """Mean validation distance; with ``optimize_val_latents`` the validation latents first take
+    one accepted-if-better step in their ball (a soft validation loss)."""
+    va = prob.va
+    if prob.opts.optimize_val_latents and prob.radius > 0:
+        p.latent.grad = None
+        lat = p.latent[va].detach().requires_grad_(True)
+        per = prob.loss(p.logits.detach(), p.offsets.detach(), lat, va)
+        (g,) = torch.autograd.grad(per.sum(), lat)
+        p.latent.grad = torch.zeros_like(p.latent)
+        p.latent.grad[va] = g
+        _latent_step(prob, p, va, per.detach())
+        p.latent.grad = None
+    with torch.no_grad():
+        x = p.latent[va] if prob.opts.optimize_val_latents else prob.noise[va]
+        return float(prob.loss(p.logits, p.offsets, x, va).mean())
+
+
+def _reduce_lr(p: _Params, min_lr: float) -> bool:
+    """Multiply both learning rates by 0.8 (floors ``min_lr`` and 1e-6); True if lr1 is at its floor."""
+    for o, floor in ((p.opt1, min_lr), (p.opt2, 1e-6)):
+        for group in o.param_groups:
+            group["lr"] = max(group["lr"] * 0.8, floor)
+    return p.opt1.param_groups[0]["lr"] <= min_lr
 
 
 def learn_ld3(
@@ -115,200 +330,76 @@ def learn_ld3(
     *,
     solver: str = "dpmpp_2m",
     nfe: int = 6,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
+    options: LD3Options | None = None,
     targets: torch.Tensor | None = None,
-    teacher_steps: int | None = None,
-    train_fraction: float = 0.5,
-    iterations: int = 150,
-    warmup_iterations: int | None = None,
-    decoupled: bool = True,
-    ball_radius: float | None = None,
-    distance: Distance | None = None,
-    lr: float = 0.005,
-    lr_offsets: float | None = None,
-    lr_latent: float | None = None,
-    batch_size: int | None = None,
-    patience: int = 5,
-    min_lr: float = 5e-5,
-    max_floor_hits: int = 5,
-    init: str | Schedule | torch.Tensor = "loglinear",
     class_labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
     model_id: str | None = None,
-    **cond: Any,
+    **kwargs: Any,
 ) -> Schedule:
     """Learn a schedule for ``solver`` at ``nfe`` denoiser calls (final step to 0 included).
 
     Args:
         denoiser: VE denoiser ``D(x, sigma, **cond)``; must be differentiable in x and sigma.
-        noise: (M, ...) unit Gaussian noises (M >= 2); ``x_T = noise * sigma_max``. A fraction
-            ``train_fraction`` trains, the rest validates (early stopping).
-        targets: (M, ...) teacher endpoints for these noises; computed by
-            :func:`teacher_endpoints` when None.
-        sigma_min, sigma_max: end knots (VE); default the denoiser's range or [0.002, 80].
-        decoupled: also learn the evaluation offsets (params2) after ``warmup_iterations``.
-        ball_radius: soft-loss radius r on the unit-noise latent; default ``0.001 d / steps^2``;
-            0 gives the hard loss.
-        distance: per-sample differentiable distance ``(B, ...) x (B, ...) -> (B,)``; default RMSE.
+        noise: (M, ...) unit Gaussian noises (M >= 2); ``x_T = noise * sigma_max``.
+        options: :class:`LD3Options`; keyword arguments naming its fields override it (e.g.
+            ``iterations=30``); other keyword arguments are conditioning passed to every call.
+        targets: (M, ...) teacher endpoints for these noises (default :func:`teacher_endpoints`).
         class_labels: optional (M,) labels passed as ``class_labels=``.
-        init: "loglinear" (equal logits, the paper's default), "karras", or a schedule ending in 0
-            with the solver's step count (e.g. a :mod:`fastgen.samplers.dp` result: GITS init);
-            validation keeps the best state, the initial one included.
 
-    Returns a :class:`Schedule` ending in 0 with ``steps + 1`` sigmas (``eval_sigmas`` set when
-    decoupled); ``objective`` is the best validation loss; ``meta`` holds the initial validation
-    loss and the optimisation time.
+    Returns a :class:`Schedule` ending in 0 with ``ld3_steps(solver, nfe) + 1`` sigmas
+    (``eval_sigmas`` set when decoupled); ``objective`` is the best validation loss; ``meta`` holds
+    the initial validation loss, the radius, iterations and the optimisation time.
     """
     t_start = time.perf_counter()
-    get_solver(solver)
-    steps = steps_within_nfe(solver, nfe)
-    if steps < 2:
-        raise ValueError(
-            f"nfe={nfe} is too small for solver {solver!r}: it allows {steps} step(s), and a learned "
-            "schedule needs at least 2 steps (one free sigma)"
-        )
-    lo, hi = _sigma_range(denoiser, sigma_min, sigma_max)
-    if not isinstance(noise, torch.Tensor) or noise.ndim < 2 or noise.shape[0] < 2:
-        raise ValueError("noise must be a tensor of shape (M, ...) with M >= 2 (train and validation noises)")
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    if isinstance(init, str) and init not in ("loglinear", "karras"):
-        raise ValueError(f"init must be 'loglinear', 'karras', a Schedule or a sigma tensor, got {init!r}")
-    m = noise.shape[0]
-    if class_labels is not None:
-        cond = {**cond, "class_labels": class_labels}
-    dtype = noise.dtype
-    x_t = noise * hi
-    if targets is None:
-        targets = teacher_endpoints(denoiser, x_t, hi, teacher_steps, **cond)
-    if targets.shape != noise.shape:
-        raise ValueError(
-            f"targets must have the shape of noise {tuple(noise.shape)}, got {tuple(targets.shape)}"
-        )
-    perm = torch.randperm(m, generator=generator)
-    n_train = min(max(1, int(round(m * train_fraction))), m - 1)
-    tr, va = perm[:n_train], perm[n_train:]
-    dim = noise[0].numel()
-    radius = 0.001 * dim / steps**2 if ball_radius is None else float(ball_radius)
-    if radius < 0:
-        raise ValueError(f"ball_radius must be >= 0, got {radius}")
-    distance = distance or rmse_distance
-    solve = get_solver(solver)
-
-    logits = init_logits(init, steps, lo, hi)
-    logits.requires_grad_(True)
-    offsets = torch.zeros(steps + 1, dtype=torch.float64, requires_grad=True)
-    latent = noise[tr].detach().clone().requires_grad_(True)
-    opt1 = torch.optim.RMSprop([logits], lr=lr, momentum=0.9)
-    opt2 = torch.optim.SGD([offsets], lr=lr_offsets if lr_offsets is not None else 0.1 / steps)
-    lr_latent = lr_latent if lr_latent is not None else 12.0 / steps
-    warm = iterations // 3 if warmup_iterations is None else int(warmup_iterations)
-
-    def build(lg: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        knots = logits_to_knots(lg, lo, hi)
-        ev = knots * torch.exp(clamp_offsets(off, knots))
-        sig = torch.cat([knots[:-1], knots.new_zeros(1)])
-        return sig, ev
-
-    def run(lg: torch.Tensor, off: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        sig, ev = build(lg, off)
-        den = OffsetDenoiser(denoiser, sig, ev) if decoupled else denoiser
-        with warnings.catch_warnings():  # the solvers test float(sigma) == 0 on a tensor with grad
-            warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
-            return solve(den, x * hi, sig.to(dtype), **_split_cond(cond, m, idx))
-
-    def validate() -> float:
-        with torch.no_grad():
-            out = run(logits, offsets, noise[va], va)
-            return float(distance(out, targets[va]).mean())
-
-    best_val = validate()
-    init_val = best_val
-    best_state = (logits.detach().clone(), offsets.detach().clone())
-    bad, floor_hits, it_done, accepted = 0, 0, 0, 0
-    bar = tqdm(range(iterations), desc=f"LD3 {solver} nfe={nfe}", disable=not progress, leave=False)
-    for it in bar:
-        it_done = it + 1
-        bidx = torch.arange(n_train)
-        if batch_size is not None and batch_size < n_train:
-            bidx = torch.randperm(n_train, generator=generator)[:batch_size]
-        idx = tr[bidx]
-        use_off = decoupled and it >= warm
-        opt1.zero_grad()
-        opt2.zero_grad()
-        if latent.grad is not None:
-            latent.grad = None
-        lat = latent[bidx] if radius > 0 else noise[idx]
-        out = run(logits, offsets if decoupled else offsets.detach(), lat, idx)
-        per_sample = distance(out, targets[idx])
-        loss = per_sample.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([logits, offsets], 1.0)
-        opt1.step()
-        if use_off:
-            opt2.step()
-        else:
-            offsets.grad = None
-        if radius > 0 and latent.grad is not None:
-            with torch.no_grad():  # projected step on the latent; kept per sample only if its loss fell
-                before = per_sample.detach()
-                delta = latent[bidx] - lr_latent * latent.grad[bidx] - noise[idx]
-                norm = delta.reshape(delta.shape[0], -1).norm(dim=1).clamp(min=1e-20)
-                scale = (radius / norm).clamp(max=1.0).reshape(-1, *([1] * (delta.ndim - 1)))
-                cand = noise[idx] + delta * scale
-                after = distance(run(logits, offsets, cand, idx), targets[idx])
-                keep = (after < before).reshape(-1, *([1] * (delta.ndim - 1)))
-                latent[bidx] = torch.where(keep, cand, latent[bidx])
-                accepted += int(keep.sum())
-                if not bool(keep.any()):
-                    lr_latent *= 0.5
-        val = validate()
-        if val < best_val - 1e-12:
-            best_val, bad = val, 0
-            best_state = (logits.detach().clone(), offsets.detach().clone())
-        else:
-            bad += 1
-            if bad >= patience:
-                bad = 0
-                with torch.no_grad():
-                    logits.copy_(best_state[0])
-                    offsets.copy_(best_state[1])
-                for o in (opt1, opt2):
-                    for group in o.param_groups:
-                        group["lr"] = max(group["lr"] * 0.8, min_lr if o is opt1 else 1e-6)
-                if opt1.param_groups[0]["lr"] <= min_lr:
-                    floor_hits += 1
-                    if floor_hits >= max_floor_hits:
-                        break
-        bar.set_postfix(loss=f"{float(loss.detach()):.4g}", val=f"{val:.4g}", best=f"{best_val:.4g}")
+    opts = replace(options or LD3Options(), **{k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES})
+    opts.check()
+    cond = {**kwargs, "class_labels": class_labels} if class_labels is not None else kwargs
+    prob = _Problem(denoiser, noise, solver, nfe, opts, targets, cond, generator)
+    p = _Params(prob)
+    stop = Patience(opts.patience)
+    stop.update(_validate(prob, p))
+    init_val, best_state = stop.best, p.snapshot()
+    floor_hits, it_done = 0, 0
+    plan = _batches(prob, generator)
+    bar = tqdm(plan, desc=f"LD3 {solver} nfe={nfe}", disable=not progress, leave=False)
+    for bidx, use_off in bar:
+        it_done += 1
+        loss = _train_step(prob, p, bidx, opts.decoupled and use_off)
+        val = _validate(prob, p)
+        verdict = stop.update(val)
+        if verdict == "best":
+            best_state = p.snapshot()
+        elif verdict == "reduce":
+            p.restore(best_state)
+            if _reduce_lr(p, opts.min_lr):
+                floor_hits += 1
+                if floor_hits >= opts.max_floor_hits:
+                    break
+        bar.set_postfix(loss=f"{loss:.4g}", val=f"{val:.4g}", best=f"{stop.best:.4g}")
     bar.close()
+    return _result(prob, p, best_state, stop.best, init_val, it_done, model_id, time.perf_counter() - t_start)
+
+
+def _result(prob: _Problem, p: _Params, best_state, best_val: float, init_val: float, it_done: int,
+            model_id: str | None, seconds: float) -> Schedule:
     with torch.no_grad():
-        sig, ev = build(*best_state)
+        sig, ev = prob.build(*best_state)
     ev = ev.clone()
     ev[-1] = 0.0
+    shift = (p.latent.detach() - prob.noise).reshape(prob.m, -1).norm(dim=1)
     return Schedule(
-        sig,
-        method="ld3",
-        solver=solver,
-        nfe=nfe,
-        model=model_id,
-        objective=best_val,
-        eval_sigmas=ev if decoupled else None,
+        sig, method="ld3", solver=prob.solver, nfe=prob.nfe, model=model_id, objective=best_val,
+        eval_sigmas=ev if prob.opts.decoupled else None,
         meta={
             "objective_name": "validation distance to the teacher (default per-sample RMSE)",
-            "initial_validation": init_val,
-            "sigma_min": lo,
-            "sigma_max": hi,
-            "train": int(n_train),
-            "validation": int(m - n_train),
-            "ball_radius": radius,
-            "latent_moves_accepted": accepted,
-            "max_latent_shift": float((latent.detach() - noise[tr]).reshape(n_train, -1).norm(dim=1).max()),
-            "iterations": it_done,
-            "optimization_seconds": round(time.perf_counter() - t_start, 3),
+            "initial_validation": init_val, "sigma_min": prob.lo, "sigma_max": prob.hi,
+            "train": int(prob.n_train), "validation": int(prob.m - prob.n_train), "steps": prob.steps,
+            "ball_radius": prob.radius, "latent_moves_accepted": p.accepted,
+            "max_latent_shift": float(shift[prob.tr].max()),
+            "max_val_latent_shift": float(shift[prob.va].max()),
+            "rounds": list(prob.opts.rounds) if prob.opts.rounds is not None else None,
+            "iterations": it_done, "optimization_seconds": round(seconds, 3),
         },
     )
