@@ -31,7 +31,6 @@ Sigmas are drawn uniformly from indices ``[t_index_lo, t_index_hi]`` of a ``t_gr
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,9 +40,10 @@ from torch import nn
 
 from fastgen.core.schedules import karras
 from fastgen.distill import divergences
-from fastgen.distill.discriminator import FeatureDiscriminator, FeatureTap, XSigmaDiscriminator
+from fastgen.distill.discriminator import FeatureTap
 from fastgen.distill.fconfig import FAKE_WEIGHTINGS, PLACEMENTS, FDistillConfig
 from fastgen.distill.losses import dmd_gradient, pseudo_target_loss
+from fastgen.distill.placement import get_placement
 from fastgen.distill.ratio import RatioBins, discriminator_loss, logit_to_ratio, normalise_h
 from fastgen.distill.student import OneStepStudent
 from fastgen.samplers.guidance import guidance_combine
@@ -111,6 +111,7 @@ class FDistill:
         self.t_sigmas = grid[cfg.t_index_lo : cfg.t_index_hi + 1].float()
         self.last_logs: dict[str, float] = {}
         self.tap: FeatureTap | None = None
+        self.placement = get_placement(cfg.placement)
         self._probe_and_build(discriminator)
 
     # ------------------------------------------------------------------ Method protocol
@@ -168,19 +169,11 @@ class FDistill:
             self._call("teacher", lambda: self.teacher(xt, sigma, **cond), z.shape)
             self._call("fake_score", lambda: self.fake_score(xt, sigma, **cond), z.shape)
         if discriminator is not None:
-            self.disc = discriminator
-            if cfg.placement != "input":
-                self.tap = FeatureTap(self._backbone(), cfg.feature_layers)
+            self.tap, self.disc = self.placement.build(self, xt, sigma, cond, discriminator)
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            if cfg.placement == "input":
-                self.disc = XSigmaDiscriminator(
-                    math.prod(cfg.sample_shape), cfg.disc_hidden, sigma_data=cfg.sigma_data
-                )
-            else:
-                self.tap = FeatureTap(self._backbone(), cfg.feature_layers)
-                self.disc = FeatureDiscriminator.from_probe(self._backbone(), self.tap, xt, sigma, **cond)
+            self.tap, self.disc = self.placement.build(self, xt, sigma, cond)
         self.disc.to(dev)
 
     def _call(self, name: str, fn: Any, shape: torch.Size) -> torch.Tensor:
@@ -199,9 +192,6 @@ class FDistill:
                 f"sample_shape={self.config.sample_shape}"
             )
         return out
-
-    def _backbone(self) -> nn.Module:
-        return self.teacher if self.config.placement == "teacher" else self.fake_score
 
     # ------------------------------------------------------------------ pieces
     def _cond(self, labels: torch.Tensor | None) -> dict[str, Any]:
@@ -234,18 +224,6 @@ class FDistill:
             d_u = self.teacher(x_t, sigma, **uncond)
         return guidance_combine(d, d_u, w)
 
-    def _logits(
-        self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any], net: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Discriminator logits (B, heads) for ``x_t``; also returns ``net``'s prediction when the
-        features come from ``net`` (its backbone pass), else None."""
-        if self.config.placement == "input":
-            return self.disc(x_t, sigma), None
-        assert self.tap is not None
-        with self.tap.capture() as feats:
-            out = net(x_t, sigma, **cond)
-        return self.disc(feats), out
-
     def _bcast(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
@@ -269,12 +247,7 @@ class FDistill:
         if use_gan or need_r:
             with torch.set_grad_enabled(use_gan):
                 src = x_t if use_gan else x_t.detach()
-                if cfg.placement == "teacher":
-                    logits, d_teacher = self._logits(src, sigma, cond, self.teacher)
-                elif cfg.placement == "fake_score":
-                    logits, d_fake = self._logits(src, sigma, cond, self.fake_score)
-                else:
-                    logits, _ = self._logits(src, sigma, cond, self.fake_score)
+                logits, d_teacher, d_fake = self.placement.student_logits(self, src, sigma, cond)
         with torch.no_grad():
             xd = x_t.detach()
             d_teacher = (
@@ -331,17 +304,10 @@ class FDistill:
         x_fake = x_fake.detach()
         x_t = x_fake + self._bcast(sigma, x_fake) * eps
         xr_t = x_real + self._bcast(sigma_real, x_real) * eps_real
-        if cfg.placement == "fake_score":
-            logit_fake, d_fake = self._logits(x_t, sigma, cond, self.fake_score)
-            logit_real, _ = self._logits(xr_t, sigma_real, cond, self.fake_score)
-        else:
+        logit_fake, d_fake = self.placement.critic_logits(self, x_t, sigma, cond)
+        logit_real, _ = self.placement.critic_logits(self, xr_t, sigma_real, cond)
+        if d_fake is None:
             d_fake = self.fake_score(x_t, sigma, **cond)
-            with torch.no_grad() if cfg.placement == "teacher" else torch.enable_grad():
-                # frozen-teacher features need no graph: the heads come after them
-                lf = self._features_or_input(x_t, sigma, cond)
-                lr = self._features_or_input(xr_t, sigma_real, cond)
-            logit_fake, logit_real = self._head(lf, x_t, sigma), self._head(lr, xr_t, sigma_real)
-        assert d_fake is not None
         err = ((d_fake.float() - x_fake.float()) ** 2).mean(dim=tuple(range(1, x_fake.ndim)))
         if cfg.fake_score_weighting == "edm":
             s = sigma.float()
@@ -357,12 +323,7 @@ class FDistill:
         }
         if cfg.r1_weight > 0 and r1_noise is not None:
             xr_p = xr_t + cfg.r1_noise * r1_noise
-            if cfg.placement == "fake_score":
-                lp, _ = self._logits(xr_p, sigma_real, cond, self.fake_score)
-            else:
-                with torch.no_grad() if cfg.placement == "teacher" else torch.enable_grad():
-                    fp = self._features_or_input(xr_p, sigma_real, cond)
-                lp = self._head(fp, xr_p, sigma_real)
+            lp, _ = self.placement.critic_logits(self, xr_p, sigma_real, cond)
             r1 = ((logit_real - lp) ** 2).mean()
             loss = loss + cfg.disc_weight * cfg.r1_weight * r1
             logs["loss_r1"] = float(r1.detach())
@@ -372,18 +333,6 @@ class FDistill:
         self.last_logs.update(logs)
         return loss
 
-    def _features_or_input(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]) -> Any:
-        if self.config.placement == "input":
-            return None
-        assert self.tap is not None
-        with self.tap.capture() as feats:
-            self.teacher(x_t, sigma, **cond)
-        return {k: v.detach() for k, v in feats.items()}
-
-    def _head(self, feats: Any, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.disc(x_t, sigma) if feats is None else self.disc(feats)
-
-    # ------------------------------------------------------------------ the training step
     def step(
         self, batch: Mapping[str, torch.Tensor], step: int, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
