@@ -276,3 +276,25 @@ def is_flow_config(config: Any) -> bool:
     if "FlowMatch" in name:
         return True
     return "shift" in config and "beta_schedule" not in config
+
+
+#: How a knots-form schedule (positive end) meets sigma = 0: as is, one more step to 0, or its end -> 0.
+TERMINALS = ("keep", "append", "replace")
+
+
+def _check_terminal(terminal: str) -> None:
+    if terminal not in TERMINALS:
+        raise ValueError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
+
+
+def apply_terminal(sigmas: torch.Tensor, terminal: str) -> torch.Tensor:
+    """Return ``sigmas`` ending in 0 per ``terminal`` ("keep" leaves a positive end as is)."""
+    _check_terminal(terminal)
+    sigmas = validate_sigmas(sigmas)
+    if float(sigmas[-1]) == 0 or terminal == "keep":
+        return sigmas.clone()
+    if terminal == "append":
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
+    if sigmas.shape[0] < 3:
+        raise ValueError("terminal='replace' needs at least 3 sigmas (2 positive ones are left)")
+    return torch.cat([sigmas[:-1], sigmas.new_zeros(1)])

@@ -134,7 +134,6 @@ IPNDM_COEFFS = (
     (23 / 12, -16 / 12, 5 / 12),
     (55 / 24, -59 / 24, 37 / 24, -9 / 24),
 )
-_IPNDM_COEFFS = IPNDM_COEFFS  # backward-compatible alias
 
 
 def ipndm_step(x: torch.Tensor, history: list[torch.Tensor], s: Any, s_next: Any) -> torch.Tensor:
@@ -231,10 +230,6 @@ SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
     "ipndm": ipndm,
 }
 
-#: Smallest number of steps for which each solver reaches its nominal order at least once.
-MIN_STEPS = {"euler": 1, "heun": 1, "dpmpp_2m": 1, "ipndm": 1}
-
-
 def get_solver(name: str) -> Callable[..., torch.Tensor]:
     """Look up a solver by name (``euler``, ``heun``, ``dpmpp_2m``, ``ipndm``)."""
     if name not in SOLVERS:
@@ -252,15 +247,21 @@ def nfe(name: str, sigmas: Any) -> int:
     return steps
 
 
-def steps_for_nfe(name: str, target_nfe: int, final_zero: bool = True) -> int:
-    """Number of schedule steps that gives ``target_nfe`` denoiser calls (ValueError if impossible)."""
+def steps_for_nfe(name: str, target_nfe: int, final_zero: bool = True, *, exact: bool = True) -> int:
+    """Number of schedule steps for ``target_nfe`` denoiser calls of solver ``name``.
+
+    ``heun`` uses ``2 * steps - 1`` calls when the schedule ends in 0 (its step to 0 is one Euler call),
+    ``2 * steps`` otherwise; the other solvers one call per step. ``exact=True``: ValueError if no
+    step count gives exactly ``target_nfe``; ``exact=False``: the largest step count within the budget
+    (Heun with a final 0: ``(nfe + 1) // 2``, an even budget leaves one call unused).
+    """
     get_solver(name)
-    if target_nfe < 1:
-        raise ValueError(f"NFE must be >= 1, got {target_nfe}")
+    if isinstance(target_nfe, bool) or not isinstance(target_nfe, int) or target_nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {target_nfe!r}")
     if name != "heun":
         return target_nfe
     extra = 1 if final_zero else 0
-    if (target_nfe + extra) % 2:
+    if exact and (target_nfe + extra) % 2:
         raise ValueError(
             f"heun with a final step to 0 uses an odd NFE (2*steps - 1); NFE={target_nfe} is not reachable"
         )

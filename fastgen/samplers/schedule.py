@@ -32,44 +32,19 @@ from typing import Any
 import torch
 
 from fastgen import __version__
-from fastgen.core.schedules import resample, sigma_to_timestep, validate_sigmas
-from fastgen.core.solvers import SOLVERS, get_solver
+from fastgen.core.schedules import apply_terminal, resample, sigma_to_timestep, validate_sigmas
+from fastgen.core.solvers import SOLVERS, get_solver, steps_for_nfe
 from fastgen.core.solvers import nfe as solver_nfe
 
-TERMINALS = ("keep", "append", "replace")
 _KNOWN_KEYS = {
     "sigmas", "solver", "method", "nfe", "model", "objective", "fastgen_version", "eval_sigmas", "meta"
 }
 
 
-def _check_terminal(terminal: str) -> None:
-    if terminal not in TERMINALS:
-        raise ValueError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
-
-
-def apply_terminal(sigmas: torch.Tensor, terminal: str) -> torch.Tensor:
-    """Return ``sigmas`` ending in 0 per ``terminal`` ("keep" leaves a positive end as is)."""
-    _check_terminal(terminal)
-    sigmas = validate_sigmas(sigmas)
-    if float(sigmas[-1]) == 0 or terminal == "keep":
-        return sigmas.clone()
-    if terminal == "append":
-        return torch.cat([sigmas, sigmas.new_zeros(1)])
-    if sigmas.shape[0] < 3:
-        raise ValueError("terminal='replace' needs at least 3 sigmas (2 positive ones are left)")
-    return torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
-
-
 def steps_within_nfe(solver: str, nfe: int) -> int:
-    """Largest number of steps (schedule ending in 0) whose NFE for ``solver`` is <= ``nfe``.
-
-    ``heun`` uses ``2 * steps - 1`` calls (its step to 0 is a single Euler call), so it gets
-    ``(nfe + 1) // 2`` steps (an even budget leaves one call unused). Other solvers: one call per step.
-    """
-    get_solver(solver)
-    if not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
-    return (nfe + 1) // 2 if solver == "heun" else nfe
+    """Largest number of steps (schedule ending in 0) whose NFE for ``solver`` is <= ``nfe``:
+    :func:`fastgen.core.solvers.steps_for_nfe` with ``exact=False`` (Heun: ``(nfe + 1) // 2``)."""
+    return steps_for_nfe(solver, nfe, exact=False)
 
 
 @dataclass
