@@ -163,6 +163,12 @@ def make_files(root: Path) -> dict[str, Path]:
     (run / "checkpoints" / "latest").write_text("step_1")
     f["run_pickle"] = run
 
+    # an exported student whose JSON is binary bytes
+    (root / "student_bin").mkdir()
+    f["student_bin"] = root / "student_bin" / "stu.safetensors"
+    f["student_bin"].write_bytes(b"\x00" * 16)
+    (root / "student_bin" / "stu.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 8)
+
     # PNGs: a 16-bit grayscale image folder and its 8-bit twin (same content)
     from PIL import Image
 

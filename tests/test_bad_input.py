@@ -49,6 +49,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample-model-pipe-trunc", ["sample", "--model", "{pipe_trunc}", "--num", "2"], "pipe_trunc"),
     ("sample-model-run-pickle", ["sample", "--model", "{run_pickle}", "--num", "2", "--out", "{root}/o.npz"],
      "tensors.safetensors"),
+    ("sample-model-student-binary-json", ["sample", "--model", "{student_bin}", "--num", "2"], "stu.safetensors"),
     ("sample-model-dotdot", ["sample", "--model", "{dotdot}", "--num", "2"], "no_such_dir_xyz"),
     ("sample-out-under-file", ["sample", "--num", "2", "--out", "{under_file}"], "--out"),
     ("sample-out-is-file", ["sample", "--num", "2", "--out", "{a_file}"], "--out"),

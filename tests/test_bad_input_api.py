@@ -38,6 +38,12 @@ def _digits(n: int = 64, seed: int = 0) -> torch.Tensor:
     return load_digits_split("train").images[seed : seed + n]
 
 
+def _load_student(path):
+    from fastgen.distill.student import load_student
+
+    return load_student(path)
+
+
 # (callable taking the files dict, expected exception, text the message must contain)
 API_CASES = [
     ("device-cuda", lambda f: resolve_device("cuda") if not torch.cuda.is_available() else resolve_device("foo"),
@@ -99,6 +105,7 @@ API_CASES = [
     ("evaluate-metric", lambda f: evaluate(_digits(), _digits(), "digits", ("fdd",)), ValueError, "fdd"),
     ("extract-max-samples", lambda f: extract_features(_digits(), "digits", max_samples=1), ValueError,
      "max_samples"),
+    ("student-binary-json", lambda f: _load_student(f["student_bin"]), ValueError, "stu.json"),
     ("atomic-mode", lambda f: atomic_write(f["root"] / "x", "a").__enter__(), ValueError, "mode"),
 ]
 

@@ -168,7 +168,9 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
     for p in (weights, meta):
         if not p.is_file():
             raise FileNotFoundError(f"student file not found: {p}")
-    doc = json.loads(meta.read_text())
+    from fastgen.io.files import read_json
+
+    doc = read_json(meta, "student JSON")  # names the file on binary bytes, bad syntax, a non-object
     if doc.get("format") != FORMAT:
         raise ValueError(
             f"{meta} is not a fastgen student (format={doc.get('format')!r}, expected {FORMAT!r})"
