@@ -11,16 +11,13 @@ from fastgen.core.denoiser import GaussianMixtureDenoiser
 from fastgen.samplers.ays import (
     AYS_SIGMAS,
     _draw,
-    _proposal,
     _refine_group,
     ays_sigmas,
     ays_timesteps,
     for_solver,
-    gaussian_gap,
-    kl_optimal_gaussian,
-    klub_intervals,
     optimize_ays,
 )
+from fastgen.samplers.klub import _proposal, gaussian_gap, kl_optimal_gaussian, klub_intervals
 
 C = 0.5
 

@@ -7,7 +7,7 @@
   coordinate-wise refinement (11 candidates per interior point, non-adjacent points in parallel,
   common random numbers so the KLUB never rises), and subdivision 10 -> 20 -> 40 at log-midpoints
   (only the new points are optimised). Early stopping by a validation callable, as the KLUB
-  optimum is not the KL optimum.
+  optimum is not the KL optimum. The objective and its importance sampling live in :mod:`fastgen.samplers.klub`.
 
 Units: VE sigma throughout (``x = x0 + sigma * eps``). The published lists end in the model's
 minimum sigma (0.029 for SD), not 0; :class:`fastgen.samplers.schedule.Schedule` makes the final
@@ -25,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastgen.core.schedules import karras, loglinear_interp
+from fastgen.core.solvers import steps_for_nfe
+from fastgen.samplers.klub import klub_intervals
 from fastgen.samplers.optim_common import resolve_sigma_range
 from fastgen.samplers.schedule import Schedule
 
@@ -40,10 +42,6 @@ AYS_TIMESTEPS: dict[str, tuple[int, ...]] = {
     "sd15": (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0),
     "sdxl": (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0),
 }
-
-#: Gaussian scale c of the importance-sampling proposal (the paper's choice).
-IS_SCALE = 0.5
-
 
 def _check_model(model: str) -> str:
     if model not in AYS_SIGMAS:
@@ -74,101 +72,6 @@ def ays_timesteps(model: str) -> list[int]:
 def ays_schedule(model: str, n: int = 10) -> Schedule:
     """:func:`ays_sigmas` as a :class:`Schedule` (knots form; choose ``terminal`` when converting)."""
     return Schedule(ays_sigmas(model, n), method="ays-published", model=model, meta={"steps": n})
-
-
-def kl_optimal_gaussian(n: int, sigma_min: float, sigma_max: float, c: float = IS_SCALE) -> torch.Tensor:
-    """AYS Theorem 3.1: the KL-optimal ``n``-step schedule for data N(0, c^2 I), ``n + 1`` knots high -> low:
-    ``t_i = c tan((1 - i/n) arctan(sigma_max/c) + (i/n) arctan(sigma_min/c))`` (arctan-uniform)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if not 0 < sigma_min < sigma_max or c <= 0:
-        raise ValueError(f"need 0 < sigma_min < sigma_max and c > 0, got {sigma_min}, {sigma_max}, {c}")
-    w = torch.linspace(0, 1, n + 1, dtype=torch.float64)
-    return c * torch.tan((1 - w) * math.atan(sigma_max / c) + w * math.atan(sigma_min / c))
-
-
-# ----------------------------------------------------------------------------------------------
-# KLUB and its importance sampling
-# ----------------------------------------------------------------------------------------------
-
-
-def gaussian_gap(t: torch.Tensor, t_up: torch.Tensor, c: float = IS_SCALE) -> torch.Tensor:
-    """``g(t, t_up) = c^4 (1/(t^2+c^2) - 1/(t_up^2+c^2))``: per-dimension E||D(x_t,t) - D(x_up,t_up)||^2
-    for data N(0, c^2 I) and its exact denoiser (the AYS importance-sampling weight)."""
-    return c**4 * (1 / (t**2 + c**2) - 1 / (t_up**2 + c**2))
-
-
-def _proposal(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, grid: int = 129, c: float = IS_SCALE
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw t in [a_j, b_j] from pi ∝ t^-3 g(t, b_j) by inverse CDF, given uniforms u (M,).
-
-    Returns ``(t (J, M), g(t, b) (J, M), Z (J,))`` with ``Z = ∫_a^b t^-3 g(t, b) dt``.
-    """
-    s = torch.linspace(0, 1, grid, dtype=torch.float64)
-    la, lb = a.log(), b.log()
-    lt = la[:, None] + (lb - la)[:, None] * s[None]  # (J, G), integration variable log t
-    tt = lt.exp()
-    dens = tt**-2 * gaussian_gap(tt, b[:, None], c)  # t^-3 g dt = t^-2 g d(log t)
-    du = (lb - la)[:, None] / (grid - 1)
-    steps = torch.cumsum(0.5 * (dens[:, 1:] + dens[:, :-1]) * du, 1)
-    cdf = torch.cat([dens.new_zeros(dens.shape[0], 1), steps], 1)
-    z = cdf[:, -1]
-    target = u[None, :] * z[:, None]  # (J, M)
-    idx = torch.searchsorted(cdf, target.contiguous()).clamp(1, grid - 1)
-    c0, c1 = cdf.gather(1, idx - 1), cdf.gather(1, idx)
-    l0, l1 = lt.gather(1, idx - 1), lt.gather(1, idx)
-    w = ((target - c0) / (c1 - c0).clamp(min=1e-300)).clamp(0, 1)
-    t = (l0 + w * (l1 - l0)).exp()
-    t = torch.minimum(torch.maximum(t, a[:, None]), b[:, None] * (1 - 1e-9))
-    return t, gaussian_gap(t, b[:, None], c).clamp(min=1e-300), z
-
-
-def klub_intervals(
-    denoiser: Callable[..., torch.Tensor],
-    lows: torch.Tensor,
-    highs: torch.Tensor,
-    x0: torch.Tensor,
-    eps: torch.Tensor,
-    eps2: torch.Tensor,
-    u: torch.Tensor,
-    cond: dict[str, Any] | None = None,
-    chunk: int = 8192,
-) -> torch.Tensor:
-    """KLUB of each interval ``[lows_j, highs_j]`` (VE sigmas, low < high), per data dimension.
-
-    ``∫ w(t) E||D(x_t, t) - D(x_high, high)||^2 dt`` with ``w = 1/t^3``, ``x_t = x0 + t eps``,
-    ``x_high = x_t + sqrt(high^2 - t^2) eps2``, estimated with M samples ``x0, eps, eps2`` (M, ...)
-    and uniforms ``u`` (M,) shared by all intervals (common random numbers): ``Z mean(||ΔD||^2 / (d g))``.
-    Returns (J,) float64.
-    """
-    cond = cond or {}
-    lows, highs = lows.double(), highs.double()
-    t, g, z = _proposal(lows, highs, u.double())
-    j, m = t.shape
-    shape = x0.shape[1:]
-    dim = x0[0].numel()
-    tb = t.reshape(-1)
-    hb = highs[:, None].expand(j, m).reshape(-1)
-    x0r = x0.double().repeat(j, *([1] * len(shape)))
-    e1 = eps.double().repeat(j, *([1] * len(shape)))
-    e2 = eps2.double().repeat(j, *([1] * len(shape)))
-    cond_r = {k: (v.repeat(j) if isinstance(v, torch.Tensor) and v.ndim == 1 and v.shape[0] == m else v)
-              for k, v in cond.items()}
-    view = (-1,) + (1,) * len(shape)
-    xt = x0r + tb.view(view) * e1
-    xh = xt + (hb**2 - tb**2).clamp(min=0).sqrt().view(view) * e2
-    dtype = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
-    sq = []
-    with torch.no_grad():
-        for i in range(0, xt.shape[0], chunk):
-            sl = slice(i, i + chunk)
-            cc = {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim == 1 and v.shape[0] == xt.shape[0]
-                      else v) for k, v in cond_r.items()}
-            d1 = denoiser(xt[sl].to(dtype), tb[sl].to(dtype), **cc).double()
-            d2 = denoiser(xh[sl].to(dtype), hb[sl].to(dtype), **cc).double()
-            sq.append(((d1 - d2) ** 2).reshape(d1.shape[0], -1).sum(1))
-    sq = torch.cat(sq).reshape(j, m)
-    return z * (sq / (dim * g)).mean(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,74 +139,23 @@ def optimize_ays(
     t_start = time.perf_counter()
     data = _check_data(data)
     lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
-    if n is None:
-        from fastgen.samplers.schedule import steps_within_nfe
-
-        n = steps_within_nfe(solver, nfe) if solver is not None and nfe is not None else 10
-    if not isinstance(n, int) or n < 2:
-        raise ValueError(
-            f"n must be an integer >= 2 (at least one interior sigma to optimise), got {n!r}"
-            + (f" (nfe={nfe} is too small for solver {solver!r})" if nfe is not None else "")
-        )
-    if not isinstance(subdivisions, int) or not 0 <= subdivisions <= 4:
-        raise ValueError(f"subdivisions must be an integer in [0, 4], got {subdivisions!r}")
-    if not isinstance(iterations, int) or not 1 <= iterations <= 300:
-        raise ValueError(f"iterations must be an integer in [1, 300], got {iterations!r}")
-    if num_samples < 1 or num_candidates < 2:
-        raise ValueError(
-            f"need num_samples >= 1 and num_candidates >= 2, got {num_samples}, {num_candidates}"
-        )
-    if class_labels is not None and class_labels.shape[0] != data.shape[0]:
-        raise ValueError(f"class_labels must have shape ({data.shape[0]},), got {tuple(class_labels.shape)}")
-    if init == "karras":
-        knots = karras(n + 1, lo, hi)[:-1]
-    elif init == "loglinear":
-        knots = torch.linspace(math.log(hi), math.log(lo), n + 1, dtype=torch.float64).exp()
-    else:
-        raise ValueError(f"init must be 'karras' or 'loglinear', got {init!r}")
-    t = knots.flip(0).clone()  # ascending: t[0] = sigma_min, t[-1] = sigma_max
-    t[0], t[-1] = lo, hi  # exact end points (rho-th powers round)
+    n = _check_args(data, n, solver, nfe, subdivisions, iterations, num_samples, num_candidates, class_labels)
+    t = _initial_knots(init, n, lo, hi)
     if validate is None and val_noise > 0:
-        if solver is None or nfe is None:
-            raise ValueError("val_noise > 0 needs solver and nfe (the schedule's use) for early stopping")
-        vdtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
-        vcond = dict(cond)
-        if class_labels is not None:
-            pick = torch.randint(0, data.shape[0], (val_noise,), generator=generator)
-            vcond["class_labels"] = class_labels[pick]
-        validate = ode_validator(denoiser, data.shape[1:], solver, nfe, val_noise, hi, generator,
-                                 dtype=vdtype, **vcond)
+        validate = _builtin_validator(denoiser, data, class_labels, solver, nfe, val_noise, hi, generator, cond)
     history: list[dict[str, float]] = []
-    total = iterations * (subdivisions + 1)
-    bar = tqdm(total=total, desc="AYS", disable=not progress, leave=False)
+    bar = tqdm(total=iterations * (subdivisions + 1), desc="AYS", disable=not progress, leave=False)
     klub = float("nan")
     for level in range(subdivisions + 1):
         if level > 0:
-            mids = (0.5 * (t[:-1].log() + t[1:].log())).exp()
-            new = torch.empty(2 * t.shape[0] - 1, dtype=torch.float64)
-            new[0::2], new[1::2] = t, mids
-            t = new
+            t = _subdivide(t)
             groups = [torch.arange(1, t.shape[0] - 1, 2)]  # only the new points, all non-adjacent
         else:
             interior = torch.arange(1, t.shape[0] - 1)
             groups = [interior[0::2], interior[1::2]]
-        best_t = t.clone()
-        best_score = validate(t.flip(0).clone()) if validate is not None else math.inf
-        for it in range(iterations):
-            for grp in groups:
-                if grp.numel() == 0:
-                    continue
-                x0, eps, eps2, u, cnd = _draw(data, class_labels, num_samples, generator)
-                t = _refine_group(denoiser, t, grp, num_candidates, x0, eps, eps2, u, {**cond, **cnd})
-            x0, eps, eps2, u, cnd = _draw(data, class_labels, num_samples, generator)
-            klub = float(klub_intervals(denoiser, t[:-1], t[1:], x0, eps, eps2, u, {**cond, **cnd}).sum())
-            score = validate(t.flip(0).clone()) if validate is not None else -it
-            history.append({"level": level, "iteration": it, "klub": klub, "score": float(score)})
-            if score < best_score:
-                best_t, best_score = t.clone(), float(score)
-            bar.update(1)
-            bar.set_postfix(level=level, klub=f"{klub:.4g}")
-        t = best_t
+        sampler = _Sampler(data, class_labels, num_samples, generator, cond)
+        t, klub = _optimise_level(denoiser, t, groups, num_candidates, iterations, sampler, validate,
+                                  level, history, bar)
     bar.close()
     return Schedule(
         t.flip(0),
@@ -323,6 +175,97 @@ def optimize_ays(
             "history": history[-5:],
         },
     )
+
+
+def _check_args(data, n, solver, nfe, subdivisions, iterations, num_samples, num_candidates, class_labels
+                ) -> int:
+    """Validate :func:`optimize_ays`' arguments; returns the first level's step count ``n``."""
+    if n is None:
+        n = steps_for_nfe(solver, nfe, exact=False) if solver is not None and nfe is not None else 10
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(
+            f"n must be an integer >= 2 (at least one interior sigma to optimise), got {n!r}"
+            + (f" (nfe={nfe} is too small for solver {solver!r})" if nfe is not None else "")
+        )
+    if not isinstance(subdivisions, int) or not 0 <= subdivisions <= 4:
+        raise ValueError(f"subdivisions must be an integer in [0, 4], got {subdivisions!r}")
+    if not isinstance(iterations, int) or not 1 <= iterations <= 300:
+        raise ValueError(f"iterations must be an integer in [1, 300], got {iterations!r}")
+    if num_samples < 1 or num_candidates < 2:
+        raise ValueError(
+            f"need num_samples >= 1 and num_candidates >= 2, got {num_samples}, {num_candidates}"
+        )
+    if class_labels is not None and class_labels.shape[0] != data.shape[0]:
+        raise ValueError(f"class_labels must have shape ({data.shape[0]},), got {tuple(class_labels.shape)}")
+    return n
+
+
+def _initial_knots(init: str, n: int, lo: float, hi: float) -> torch.Tensor:
+    """``n + 1`` ascending knots from ``lo`` to ``hi`` (exact end points)."""
+    if init == "karras":
+        knots = karras(n + 1, lo, hi)[:-1]
+    elif init == "loglinear":
+        knots = torch.linspace(math.log(hi), math.log(lo), n + 1, dtype=torch.float64).exp()
+    else:
+        raise ValueError(f"init must be 'karras' or 'loglinear', got {init!r}")
+    t = knots.flip(0).clone()  # ascending: t[0] = sigma_min, t[-1] = sigma_max
+    t[0], t[-1] = lo, hi  # exact end points (rho-th powers round)
+    return t
+
+
+def _builtin_validator(denoiser, data, class_labels, solver, nfe, val_noise, hi, generator, cond
+                       ) -> Callable[[torch.Tensor], float]:
+    if solver is None or nfe is None:
+        raise ValueError("val_noise > 0 needs solver and nfe (the schedule's use) for early stopping")
+    vdtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
+    vcond = dict(cond)
+    if class_labels is not None:
+        pick = torch.randint(0, data.shape[0], (val_noise,), generator=generator)
+        vcond["class_labels"] = class_labels[pick]
+    return ode_validator(denoiser, data.shape[1:], solver, nfe, val_noise, hi, generator, dtype=vdtype, **vcond)
+
+
+def _subdivide(t: torch.Tensor) -> torch.Tensor:
+    """Insert the log-midpoint between every pair of neighbouring knots."""
+    mids = (0.5 * (t[:-1].log() + t[1:].log())).exp()
+    new = torch.empty(2 * t.shape[0] - 1, dtype=torch.float64)
+    new[0::2], new[1::2] = t, mids
+    return new
+
+
+class _Sampler:
+    """Fresh forward-process draws ``(x0, eps, eps2, u, cond)`` of ``num_samples`` per call."""
+
+    def __init__(self, data, labels, m, generator, cond):
+        self.data, self.labels, self.m, self.generator, self.cond = data, labels, m, generator, cond
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        x0, eps, eps2, u, cnd = _draw(self.data, self.labels, self.m, self.generator)
+        return x0, eps, eps2, u, {**self.cond, **cnd}
+
+
+def _optimise_level(denoiser, t, groups, num_candidates, iterations, sampler, validate, level, history, bar
+                    ) -> tuple[torch.Tensor, float]:
+    """Coordinate-wise sweeps over ``groups`` of non-adjacent knots; keeps the best sweep by
+    ``validate`` (early stopping; the last sweep without it). Returns (knots, last KLUB)."""
+    best_t = t.clone()
+    best_score = validate(t.flip(0).clone()) if validate is not None else math.inf
+    klub = float("nan")
+    for it in range(iterations):
+        for grp in groups:
+            if grp.numel() == 0:
+                continue
+            x0, eps, eps2, u, cnd = sampler()
+            t = _refine_group(denoiser, t, grp, num_candidates, x0, eps, eps2, u, cnd)
+        x0, eps, eps2, u, cnd = sampler()
+        klub = float(klub_intervals(denoiser, t[:-1], t[1:], x0, eps, eps2, u, cnd).sum())
+        score = validate(t.flip(0).clone()) if validate is not None else -it
+        history.append({"level": level, "iteration": it, "klub": klub, "score": float(score)})
+        if score < best_score:
+            best_t, best_score = t.clone(), float(score)
+        bar.update(1)
+        bar.set_postfix(level=level, klub=f"{klub:.4g}")
+    return best_t, klub
 
 
 def _draw(data: torch.Tensor, labels: torch.Tensor | None, m: int, generator: torch.Generator | None
@@ -357,10 +300,8 @@ def _refine_group(denoiser: Callable[..., torch.Tensor], t: torch.Tensor, grp: t
 
 def for_solver(schedule: Schedule, solver: str, nfe: int) -> Schedule:
     """An AYS knots schedule made ready for ``solver`` at ``nfe`` calls: resampled log-linearly to
-    ``steps_within_nfe(solver, nfe)`` steps and the final knot replaced by 0 (Diffusers' convention)."""
-    from fastgen.samplers.schedule import steps_within_nfe
-
-    steps = steps_within_nfe(solver, nfe)
+    ``steps_for_nfe(solver, nfe, exact=False)`` steps and the final knot replaced by 0 (Diffusers' convention)."""
+    steps = steps_for_nfe(solver, nfe, exact=False)
     knots = loglinear_interp(schedule.sigmas[schedule.sigmas > 0], steps + 1) if steps >= 1 else None
     if steps < 2:
         sig = torch.stack([schedule.sigmas[0], schedule.sigmas.new_zeros(())])
