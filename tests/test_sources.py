@@ -114,6 +114,7 @@ def test_sample_mixture_run_all_checkpoint_forms(tmp_path, capsys):
         assert info["identity"]["sigma_max"] == 80.0
         fingerprints.add(info["identity"]["fingerprint"])
     assert len(fingerprints) == 1
+    assert {load_model(s).identity()["name"] for s in (run, run / "checkpoints" / "latest", ckpt)} == {"run"}
     older = sorted((run / "checkpoints").glob("step_*"))[0]
     assert older != ckpt and load_model(older).identity()["fingerprint"] in fingerprints  # same config
 

@@ -22,12 +22,9 @@ _EDM_RANGE = {"sigma_min": 0.002, "sigma_max": 80.0}  # EDM's range: what fastge
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable JSON file: {err}") from err
-    if not isinstance(doc, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object")
+    from fastgen.io.files import read_json
+
+    doc = read_json(path)  # names the file: binary bytes, syntax, top level not an object
     return doc
 
 
@@ -97,7 +94,7 @@ def _student_json(path: Path) -> Path | None:
         return None
     try:
         return path if json.loads(path.read_text()).get("format") == STUDENT_FORMAT else None
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: JSON syntax or binary (UnicodeDecodeError)
         return None
 
 
@@ -109,7 +106,9 @@ def load_student_files(path: Path, device: Any, name: str) -> LoadedModel:
         raise FileNotFoundError(f"student weights not found: {str(weights)!r} (next to {str(meta)!r})")
     info = _read_json(meta)
     model = zoo.build_model(info, weights, device=device, where=str(meta))
-    return _from_info(model, info, name, "student", _shape_from_info(info, str(meta)), {"student": str(meta)})
+    loaded = _from_info(model, info, name, "student", _shape_from_info(info, str(meta)), {"student": str(meta)})
+    loaded.label = meta.parent.name if meta.stem == "student" else meta.stem
+    return loaded
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -154,9 +153,9 @@ def _run_wrapper(method: dict[str, Any]) -> dict[str, Any]:
 
 def load_run(run: Path, ckpt: Path | None, device: Any, name: str) -> LoadedModel:
     """The EMA network of a training run (a checkpoint of it, or its latest)."""
-    import yaml
+    from fastgen.io.files import read_yaml
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    cfg = read_yaml(run / "config.yaml", "run config")
     method = dict(cfg.get("method") or {})
     if method.get("name") == "fdistill":
         if ckpt is None or ckpt == zoo.latest_checkpoint_of(run / "checkpoints"):
@@ -173,6 +172,7 @@ def load_run(run: Path, ckpt: Path | None, device: Any, name: str) -> LoadedMode
     loaded = _from_info(model, {**info, "method": method}, name, kind, tuple(info["sample_shape"]),
                         {"run": str(run), "checkpoint": str(ckpt)})
     loaded.config["method"] = method
+    loaded.label = run.name
     return loaded
 
 
@@ -253,7 +253,7 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
         name=name, kind="teacher", shape=shape, sigma_min=lo, sigma_max=hi,
         conditioning="prompt" if text else ("class" if n_cls else "none"), num_classes=n_cls,
         denoiser=den, config={"pipeline": type(pipe).__name__, "model": dict(c), "scheduler": sched_cfg},
-        info={"pipeline": pipe, "path": str(path)},
+        info={"pipeline": pipe, "path": str(path)}, label=path.name,
     )
     if text:
         for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):

@@ -65,6 +65,9 @@ class LoadedModel:
         shortcut: the raw shortcut network (shortcut models only; ``shortcut_sample`` takes it).
         config: JSON-able description of the model; its sha256 is the identity's fingerprint.
         info: free-form details (pipeline class, checkpoint path, ...), not part of the identity.
+        encode_prompt: prompt models: ``texts -> condition keywords`` (use :meth:`condition`).
+        decoder: latent pipelines: ``latents -> images`` (use :meth:`decode`).
+        label: the identity's name (a run's or folder's name); default the source's last path component.
     """
 
     name: str
@@ -81,6 +84,7 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
     encode_prompt: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    label: str | None = None  # the identity's name (run / folder name); default: the source's last component
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -104,7 +108,8 @@ class LoadedModel:
         config and the sigma range (stable across runs and machines)."""
         doc = {"config": self.config, "sigma_range": [round(v, 10) for v in self.sigma_range]}
         digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-        return {"name": Path(self.name).name if Path(self.name).exists() else self.name,
+        name = self.label or (Path(self.name).name if Path(self.name).exists() else self.name)
+        return {"name": name,
                 "fingerprint": digest, "sigma_min": self.sigma_range[0], "sigma_max": self.sigma_range[1]}
 
     def condition(
