@@ -108,5 +108,91 @@ def main(steps: int = 20) -> None:
     write_section("training", "Training throughput (samples/s)", body)
 
 
+# --------------------------------------------------------------------------------------------
+# Distillation it/s at equal batch in two checkouts (before/after a trainer change)
+# --------------------------------------------------------------------------------------------
+
+DISTILL_CFG = {
+    "steps": 10**6, "batch_size": 256, "progress": False, "cpu": True, "seed": 0,
+    "checkpoint_every": 10**6, "log_every": 10**6,
+    "data": {"name": "mixture", "mixture": "ring", "mixture_options": {"weights": "imbalanced"},
+             "num_samples": 8192},
+    "network": {"kind": "mlp", "in_dim": 2, "width": 128, "depth": 3},
+    "method": {"name": "fdistill", "teacher": {"kind": "mixture", "mixture": "ring",
+                                               "options": {"weights": "imbalanced"}},
+               "class_conditional": False, "divergence": "js", "placement": "input",
+               "sigma_min": 0.02, "sigma_max": 10.0, "student_every": 2, "lambda_gan": 0.001},
+    "optim": {"lr": 0.001, "betas": [0.0, 0.99], "grad_clip": 10.0},
+    "ema": {"decay": 0.99, "every": 2},
+}
+
+
+def distill_its(steps: int = 20, warmup: int = 4) -> float:
+    """Optimizer steps per second of f-distill (ring JS, ResidualMLP 128x3, batch 256, 1 thread) with
+    whatever ``fastgen`` is on ``PYTHONPATH`` (so the same function times two checkouts)."""
+    import fastgen.distill  # noqa: F401  (registers fdistill)
+
+    with tempfile.TemporaryDirectory() as out:
+        tr = Trainer(config_from_dict({**DISTILL_CFG, "output_dir": out}))
+        for _ in range(warmup):
+            tr.train_step()
+        t = time.perf_counter()
+        for _ in range(steps):
+            tr.train_step()
+        return steps / (time.perf_counter() - t)
+
+
+def compare_checkouts(before: str, after: str, repeats: int = 7, steps: int = 20) -> None:
+    """Time :func:`distill_its` alternately in two source trees (fresh processes, interleaved so drift
+    of the shared CPU hits both) and write ``benchmarks/results/training_throughput.md``."""
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    code = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
+            "import importlib.util as u; s = u.spec_from_file_location('b', sys.argv[2]); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); print(m.distill_its(int(sys.argv[3])))")
+    res: dict[str, list[float]] = {"before": [], "after": []}
+    for _ in range(repeats):
+        for name, tree in (("before", before), ("after", after)):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tree}
+            r = subprocess.run([sys.executable, "-c", code, tree, str(here), str(steps)], env=env,
+                               capture_output=True, text=True, check=True)
+            res[name].append(float(r.stdout.strip().splitlines()[-1]))
+            print(name, res[name][-1], flush=True)
+
+    def ci(v: list[float]) -> tuple[float, float]:
+        m = statistics.fmean(v)
+        half = 2.447 * statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan")  # t(0.975, 6)
+        return m, half
+
+    (mb, hb), (ma, ha) = ci(res["before"]), ci(res["after"])
+    rows = [["before", f"{mb:.2f} +- {hb:.2f}", len(res["before"])],
+            ["after", f"{ma:.2f} +- {ha:.2f}", len(res["after"])]]
+    body = (
+        "f-distill (ring mixture, JS, placement input, ResidualMLP 128x3 student and fake score), batch 256, "
+        f"fp32, 1 CPU thread, `Trainer.train_step` timed over {steps} steps after 4 warm-up steps, "
+        f"{repeats} fresh processes per checkout, interleaved (the 2 CPU cores are shared with other jobs). "
+        "Mean +- the 95% t-interval half-width (t = 2.447 for 7 repeats).\n\n"
+        f"- before: `{before}`\n- after: `{after}`\n\n"
+        + markdown_table(["checkout", "optimizer steps/s", "repeats"], rows)
+        + f"\n\nafter / before = {ma / mb:.3f}.\n\nRaw: `{json.dumps(res)}`\n"
+    )
+    from benchmarks.common import assemble
+
+    path = write_section("training_throughput", "Distillation throughput before/after (it/s)", body)
+    path.write_text(path.read_text().replace("bench_training_throughput.py", "bench_training.py --compare"))
+    assemble()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "--compare":  # --compare BEFORE_TREE AFTER_TREE
+        compare_checkouts(sys.argv[2], sys.argv[3])
+    else:
+        main()

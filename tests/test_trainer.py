@@ -280,6 +280,6 @@ def test_multi_optimizer_losses_step_only_their_networks(tmp_path):
 
 
 def _first_rows(cfg):
-    from fastgen.train.trainer import _global_indices
+    from fastgen.train.batches import global_indices
 
-    return _global_indices(cfg.data.options["num_samples"], cfg.seed, 0, cfg.batch_size)
+    return global_indices(cfg.data.options["num_samples"], cfg.seed, 0, cfg.batch_size)

@@ -35,7 +35,7 @@ def from_config(cfg: Any) -> FDistill:
         if cfg.data.name == "digits":
             kw["sample_shape"] = (64,) if cfg.data.options.get("flatten", False) else (1, 8, 8)
         elif cfg.data.name == "mixture":
-            from fastgen.train.trainer import build_dataset
+            from fastgen.train.batches import build_dataset
 
             kw["sample_shape"] = tuple(build_dataset(cfg)["x"].shape[1:])
         else:

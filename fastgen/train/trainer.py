@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,80 +38,16 @@ import torch
 from torch import nn
 
 from fastgen.io import checkpoint as ckpt
-from fastgen.train.config import TrainConfig, config_to_dict, save_config
+from fastgen.train.batches import build_dataset, global_indices, shard_seed
+from fastgen.train.config import TrainConfig, save_config
 from fastgen.train.ema import make_ema
+from fastgen.train.health import DEFAULT_EXPLODE_BOUND, TrainingDiverged, validate_optim
 from fastgen.train.method import Method, build_method
+from fastgen.train.trainer_state import CheckpointMixin
 
 __all__ = ["Trainer", "TrainingDiverged", "build_dataset", "shard_seed", "DEFAULT_EXPLODE_BOUND"]
 
-DEFAULT_EXPLODE_BOUND = 1e8  # |loss| or pre-clip grad norm beyond this stops the run (optim.explode_bound)
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _validate_optim(name: str, o: Mapping[str, Any]) -> None:
-    """Refuse optimizer settings that would silently turn training into ascent or overflow."""
-    where = f"optim (optimizer {name!r})"
-    checks = [
-        ("lr", _finite(o["lr"]) and o["lr"] > 0, "a finite number > 0"),
-        ("eps", _finite(o["eps"]) and o["eps"] > 0, "a finite number > 0"),
-        ("weight_decay", _finite(o["weight_decay"]) and o["weight_decay"] >= 0, "a finite number >= 0"),
-        ("betas", len(o["betas"]) == 2 and all(_finite(b) and 0 <= b < 1 for b in o["betas"]),
-         "two numbers in [0, 1)"),
-        ("grad_clip", o["grad_clip"] is None or (_finite(o["grad_clip"]) and o["grad_clip"] > 0),
-         "a finite number > 0 or null"),
-        ("explode_bound", o["explode_bound"] is None or (_finite(o["explode_bound"]) and o["explode_bound"] > 0),
-         "a finite number > 0 or null"),
-        ("final_lr_ratio", _finite(o["final_lr_ratio"]) and o["final_lr_ratio"] >= 0, "a finite number >= 0"),
-    ]
-    for key, ok, accepted in checks:
-        if not ok:
-            raise ValueError(f"{where}: {key} must be {accepted}, got {o[key]!r}")
-
-
-class TrainingDiverged(FloatingPointError):
-    """A loss or gradient became NaN/Inf or exceeded ``optim.explode_bound``; ``step`` is the optimizer
-    step, ``checkpoint`` the last good (verified finite) one or None. The CLI exits with code 1."""
-
-    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.step = step
-        self.checkpoint = checkpoint
-
-
-def shard_seed(seed: int, step: int, shard: int) -> int:
-    """A 63-bit seed for shard ``shard`` of optimizer step ``step`` (splitmix64-style mixing)."""
-    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + shard * 0x94D049BB133111EB + 1) % 2**64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
-    return (z ^ (z >> 31)) % 2**63
-
-
-def build_dataset(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The in-memory training set named by ``cfg.data`` (:mod:`fastgen.data.registry`) as a dict of
-    equal-length tensors."""
-    from fastgen.data.registry import build_dataset as build_named_dataset
-
-    return build_named_dataset(cfg.data.name, **cfg.data.options)
-
-
-def _global_indices(n: int, seed: int, step: int, batch_size: int) -> torch.Tensor:
-    """Row indices of step ``step``'s global batch: epoch permutations seeded by ``(seed, epoch)``."""
-    start = step * batch_size
-    out = []
-    pos = start
-    while pos < start + batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(shard_seed(seed, epoch, 2**20)))
-        take = min(n - offset, start + batch_size - pos)
-        out.append(perm[offset : offset + take])
-        pos += take
-    return torch.cat(out)
-
-
-class Trainer:
+class Trainer(CheckpointMixin):
     """Train ``method`` (or the method ``cfg.method`` names) as configured by ``cfg``.
 
     Args:
@@ -228,7 +163,7 @@ class Trainer:
         if unknown:
             raise ValueError(f"optim.groups.{name}: unknown key(s) {unknown}; accepted: {sorted(base)}")
         base.update(over)
-        _validate_optim(name, base)
+        validate_optim(name, base)
         return base
 
     def lr_at(self, name: str, step: int) -> float:
@@ -244,77 +179,6 @@ class Trainer:
         return lr
 
     # ------------------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the training state under checkpoint names."""
-        t: dict[str, torch.Tensor] = {}
-        for n, m in self.networks.items():
-            t.update({f"net/{n}.{k}": v for k, v in m.state_dict().items()})
-        for n, e in self.ema.items():
-            t.update({f"ema/{n}.{k}": v for k, v in e.state_dict().items()})
-        for k, v in self.method.state_dict().items():
-            t[f"method/{k}"] = v
-        return t
-
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step (main process only); returns its directory."""
-        path = None
-        bad = ckpt.tensors_finite(self.state_tensors())
-        if bad:  # never write (or name) a non-finite checkpoint as a good one
-            raise self._diverged(f"{len(bad)} state tensor(s) are non-finite (e.g. {bad[0]!r})", self.step)
-        if self.acc.is_main_process:
-            tensors = self.state_tensors()
-            optim_meta = {}
-            for name, opt in self.optimizers.items():
-                ot, meta = ckpt.optimizer_to_flat(opt, f"optim/{name}")
-                tensors.update(ot)
-                optim_meta[name] = meta
-            state = {
-                "data": {"rows_consumed": self.step * self.cfg.batch_size, "n_data": self.n_data},
-                "optim": optim_meta,
-                "config": config_to_dict(self.cfg),
-                "num_processes": self.world,
-            }
-            path = ckpt.write_checkpoint(self.ckpt_root, self.step, tensors, state)
-            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
-        self.acc.wait_for_everyone()
-        self.last_checkpoint = self.ckpt_root / ckpt.checkpoint_dir_name(self.step)
-        return path
-
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore networks, EMA, optimizers, method state and the data position from ``path``."""
-        tensors, state = ckpt.read_checkpoint(path)
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        try:
-            for n, m in self.networks.items():
-                m.load_state_dict(part(f"net/{n}."))
-            for n, e in self.ema.items():
-                e.load_state_dict(part(f"ema/{n}."))
-            self.method.load_state_dict({k: v.to(self.device) for k, v in part("method/").items()})
-            for name, opt in self.optimizers.items():
-                ckpt.optimizer_from_flat(opt, tensors, state["optim"][name], f"optim/{name}")
-        except (RuntimeError, KeyError) as err:
-            raise ValueError(
-                f"checkpoint {str(path)!r} does not fit this run's method/networks: {err}"
-            ) from err
-        if state["data"]["n_data"] != self.n_data:
-            raise ValueError(
-                f"checkpoint {str(path)!r} was trained on {state['data']['n_data']} rows, "
-                f"this data has {self.n_data}"
-            )
-        self.step = int(state["step"])
-        self.last_checkpoint = Path(path)
-
-    def _maybe_resume(self) -> None:
-        r = self.cfg.resume
-        if r == "none":
-            return
-        path = ckpt.latest_checkpoint(self.ckpt_root) if r == "auto" else Path(r)
-        if path is not None:
-            self.load_checkpoint(path)
-
     # ------------------------------------------------------------------------------------------
     def _all_params(self) -> list[nn.Parameter]:
         return [p for m in self.networks.values() for p in m.parameters()]
@@ -427,7 +291,7 @@ class Trainer:
         """
         cfg, step = self.cfg, self.step
         self._sigma_seen = []
-        rows = _global_indices(self.n_data, cfg.seed, step, cfg.batch_size)
+        rows = global_indices(self.n_data, cfg.seed, step, cfg.batch_size)
         names, loss_sum, stash, extra = self._forward_backward(step, rows, self._all_params())
         lvec = self._reduce_sum(torch.stack([loss_sum[n] for n in names]).to(self.device)) / self.micro
         logs = {f"loss/{n}": float(lvec[i]) for i, n in enumerate(names)}
@@ -518,9 +382,3 @@ class Trainer:
     def ema_network(self, name: str = "net") -> nn.Module:
         """The EMA copy of network ``name`` (the raw network if it has no EMA)."""
         return self.ema[name].module if name in self.ema else self.networks[name]
-
-
-def _env_threads() -> None:  # pragma: no cover - convenience for scripts
-    n = os.environ.get("OMP_NUM_THREADS")
-    if n:
-        torch.set_num_threads(int(n))

@@ -1,0 +1,46 @@
+"""Training health: the divergence error, the explosion bound and the start-up check of optimizer settings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainingDiverged", "validate_optim", "DEFAULT_EXPLODE_BOUND"]
+
+DEFAULT_EXPLODE_BOUND = 1e8  # |loss| or pre-clip grad norm beyond this stops the run (optim.explode_bound)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_optim(name: str, o: Mapping[str, Any]) -> None:
+    """Refuse optimizer settings that would silently turn training into ascent or overflow."""
+    where = f"optim (optimizer {name!r})"
+    checks = [
+        ("lr", _finite(o["lr"]) and o["lr"] > 0, "a finite number > 0"),
+        ("eps", _finite(o["eps"]) and o["eps"] > 0, "a finite number > 0"),
+        ("weight_decay", _finite(o["weight_decay"]) and o["weight_decay"] >= 0, "a finite number >= 0"),
+        ("betas", len(o["betas"]) == 2 and all(_finite(b) and 0 <= b < 1 for b in o["betas"]),
+         "two numbers in [0, 1)"),
+        ("grad_clip", o["grad_clip"] is None or (_finite(o["grad_clip"]) and o["grad_clip"] > 0),
+         "a finite number > 0 or null"),
+        ("explode_bound", o["explode_bound"] is None or (_finite(o["explode_bound"]) and o["explode_bound"] > 0),
+         "a finite number > 0 or null"),
+        ("final_lr_ratio", _finite(o["final_lr_ratio"]) and o["final_lr_ratio"] >= 0, "a finite number >= 0"),
+    ]
+    for key, ok, accepted in checks:
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {accepted}, got {o[key]!r}")
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss or gradient became NaN/Inf or exceeded ``optim.explode_bound``; ``step`` is the optimizer
+    step, ``checkpoint`` the last good (verified finite) one or None. The CLI exits with code 1."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
