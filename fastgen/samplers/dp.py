@@ -220,7 +220,6 @@ def dp_schedules(
     grid = karras(grid_size, lo, hi, rho=rho)
     states = reference_trajectory(denoiser, noise * hi, grid.to(noise.dtype), rtol=rtol, atol=rtol,
                                   sigma_floor=min(1e-4, lo / 2), **cond)
-    target = states[-1].double()
     candidates: dict[int, list[tuple[list[int], float, str, float]]] = {n: [] for n in steps}
     for met in metrics:
         cost = cost_matrix(denoiser, grid.to(noise.dtype), states, metric=met, cost_step=cost_step,
@@ -230,33 +229,18 @@ def dp_schedules(
             for n, k in steps.items():
                 if k in paths:
                     candidates[n].append((paths[k][0], paths[k][1], met, c))
+
+    def endpoint_error(path: list[int]) -> float:
+        with torch.no_grad():
+            out = solve(denoiser, noise * hi, grid[path].to(noise.dtype), **cond)
+        return float(((out.double() - states[-1].double()) ** 2).mean().sqrt())
+
     scores: dict[tuple[int, ...], float] = {}
-
-    def score(path: list[int]) -> float:
-        key = tuple(path)
-        if key not in scores:
-            if len(candidates_all) == 1:
-                scores[key] = math.nan
-            else:
-                with torch.no_grad():
-                    sig = grid[path].to(noise.dtype)
-                    out = solve(denoiser, noise * hi, sig, **cond)
-                scores[key] = float(((out.double() - target) ** 2).mean().sqrt())
-        return scores[key]
-
     out = {}
     for n, cands in candidates.items():
-        candidates_all = {tuple(p) for p, *_ in cands}
-        multi = len(candidates_all) > 1
-        ranked = sorted(cands, key=lambda cand: (score(cand[0]), cand[1]) if multi else (0.0, cand[1]))
-        path, total, met, c = ranked[0]
+        path, total, met, c, score = _pick(cands, endpoint_error, scores)
         out[n] = Schedule(
-            grid[path],
-            method="dp",
-            solver=solver,
-            nfe=n,
-            model=model_id,
-            objective=score(path),
+            grid[path], method="dp", solver=solver, nfe=n, model=model_id, objective=score,
             meta={"objective_name": "endpoint RMSE to the teacher on the DP noises (nan: single candidate)",
                   "dp_cost": total, "metric": met, "cost_step": cost_step, "coeff": c,
                   "grid_size": grid_size, "grid_indices": path, "sigma_min": lo, "sigma_max": hi,
@@ -264,6 +248,21 @@ def dp_schedules(
                   "optimization_seconds": round(time.perf_counter() - t_start, 3)},
         )
     return out
+
+
+def _pick(cands: list[tuple[list[int], float, str, float]], endpoint_error: Callable[[list[int]], float],
+          scores: dict[tuple[int, ...], float]) -> tuple[list[int], float, str, float, float]:
+    """The candidate path with the smallest solver endpoint error (ties: DP cost); with one distinct
+    path, no solve and score nan. ``scores`` caches errors across NFEs. Returns (path, cost, metric,
+    coeff, score)."""
+    if len({tuple(p) for p, *_ in cands}) == 1:
+        path, total, met, c = min(cands, key=lambda cand: cand[1])
+        return path, total, met, c, math.nan
+    for p, *_ in cands:
+        if tuple(p) not in scores:
+            scores[tuple(p)] = endpoint_error(p)
+    path, total, met, c = min(cands, key=lambda cand: (scores[tuple(cand[0])], cand[1]))
+    return path, total, met, c, scores[tuple(path)]
 
 
 def dp_schedule(
