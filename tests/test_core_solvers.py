@@ -235,3 +235,32 @@ def test_reference_trajectory_matches_gaussian_closed_form() -> None:
         ode.reference_trajectory(mix.denoiser(), x, sig, sigma_floor=0.5)
     with pytest.raises(ValueError, match="strictly decreasing"):
         ode.reference_solve(mix.denoiser(), x, 1.0, 2.0)
+
+
+def test_unipc_bh2_order_and_calls(ring_problem) -> None:
+    """UniPC-bh2 (order-2 predictor + corrector): order 3 from the corrector, one call per step.
+
+    Measured (ring, 256 samples, Karras 0.002..80): mean endpoint error 0.0193 / 0.0052 / 0.00095 /
+    0.000116 at 16 / 32 / 64 / 128 steps (dpmpp_2m: 0.071 / 0.0091 / 0.0022 / 0.00056); order over
+    the last doubling 3.04.
+    """
+    den, x, ref = ring_problem
+    errs = []
+    for n in STEPS:
+        y = solvers.unipc(den, x, karras(n, 0.002, 80.0))
+        errs.append(float((y - ref).norm(dim=1).mean()))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert 0.01 <= errs[0] <= 0.03, errs
+    assert math.log2(errs[-2] / errs[-1]) >= 2.5, errs
+    calls = []
+
+    def counting(x_, s_, **c):
+        calls.append(float(s_))
+        return den(x_, s_, **c)
+
+    solvers.unipc(counting, x[:4], karras(6, 0.002, 80.0))
+    assert len(calls) == 6
+    # a point mass is solved exactly (D constant): the predictor/corrector add nothing
+    pm = lambda x_, s_, **c: torch.full_like(x_, 0.7)  # noqa: E731
+    y = solvers.unipc(pm, x[:4], karras(5, 0.01, 80.0))
+    assert torch.allclose(y, torch.full_like(y, 0.7), atol=1e-12)
