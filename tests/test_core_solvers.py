@@ -264,3 +264,24 @@ def test_unipc_bh2_order_and_calls(ring_problem) -> None:
     pm = lambda x_, s_, **c: torch.full_like(x_, 0.7)  # noqa: E731
     y = solvers.unipc(pm, x[:4], karras(5, 0.01, 80.0))
     assert torch.allclose(y, torch.full_like(y, 0.7), atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [4, 6, 10])
+def test_unipc_equals_diffusers_unipc_bh2(steps) -> None:
+    """Diffusers' UniPCMultistepScheduler (bh2, order 2, x0 prediction, Karras sigmas, float64
+    sigmas) on the exact ring denoiser: the same samples as ``solvers.unipc`` to 1e-12 (measured 5e-14)."""
+    from diffusers import UniPCMultistepScheduler
+
+    den = ring_mixture().denoiser()
+    sch = UniPCMultistepScheduler(use_karras_sigmas=True, solver_type="bh2", solver_order=2)
+    sch.set_timesteps(steps)
+    sch.sigmas = sch.sigmas.double()
+    sig = sch.sigmas
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = z * sig[0] / (1 + sig[0] ** 2).sqrt()  # VP state
+    for i, t in enumerate(sch.timesteps):
+        x_ve = x * (1 + sig[i] ** 2).sqrt()
+        eps = (x_ve - den(x_ve, sig[i])) / sig[i]
+        x = sch.step(eps, t, x).prev_sample
+    ours = solvers.unipc(den, z * sig[0], sig)
+    assert float(sig[-1]) == 0 and float((ours - x).abs().max()) < 1e-12
