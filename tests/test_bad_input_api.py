@@ -199,3 +199,11 @@ def test_sample_npz_streams_the_same_samples_as_generate(tmp_path):
     with np.load(out) as f:
         np.testing.assert_array_equal(f["samples"], x.clamp(-1, 1).numpy())
         assert json.loads(str(f["identity"]))["name"] == "digits-edm"
+
+
+def test_cli_two_image_fid_says_so(files, capsys):
+    """The CLI prints the small-sample warning as one line (no Python warning source line, no traceback)."""
+    assert main(["fid", str(files["two_npz"]), "digits:test", "--features", "digits", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "fastgen fid: warning: samples: only 2 images" in err and "Traceback" not in err
+    assert "SmallSampleWarning" not in err

@@ -150,6 +150,21 @@ def _run_is(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet(run):
+    """Run ``run(args)`` with SmallSampleWarning silenced: the ``report`` callback already printed it as one line."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        import warnings
+
+        from fastgen.metrics.compute import SmallSampleWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SmallSampleWarning)
+            return run(args)
+
+    return wrapped
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``fid``, ``fid-stats`` and ``is`` to the ``fastgen`` command line."""
     p = subparsers.add_parser(
@@ -166,7 +181,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pr", action="store_true", help="also report precision/recall (k-NN, needs reference images)")
     p.add_argument("--k", type=int, default=3, help="k of the precision/recall k-NN balls (default 3)")
     p.add_argument("--save-stats", default=None, metavar="PATH", help="also save the samples' statistics (.npz)")
-    p.set_defaults(func=_run_fid)
+    p.set_defaults(func=_quiet(_run_fid))
 
     s = subparsers.add_parser(
         "fid-stats",
@@ -177,7 +192,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("source", help="images: folder, .npz or digits:train|test|all")
     s.add_argument("-o", "--output", required=True, help="output .npz path")
     _add_common(s)
-    s.set_defaults(func=_run_stats)
+    s.set_defaults(func=_quiet(_run_stats))
 
     i = subparsers.add_parser(
         "is",
@@ -187,7 +202,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("samples", help="generated images: folder, .npz or digits:<split>")
     _add_common(i)
     i.add_argument("--splits", type=int, default=10, help="number of splits (default 10)")
-    i.set_defaults(func=_run_is)
+    i.set_defaults(func=_quiet(_run_is))
 
 
 if __name__ == "__main__":  # pragma: no cover
