@@ -13,7 +13,7 @@ from fastgen.core.schedules import karras, loglinear
 from fastgen.core.solvers import NonFiniteError
 from fastgen.data.toy import random_mixture, ring_mixture
 
-SOLVERS = ["euler", "heun", "dpmpp_2m", "ipndm"]
+SOLVERS = ["euler", "heun", "dpmpp_2m", "ipndm", "unipc"]
 STEPS = (16, 32, 64, 128)
 
 

@@ -289,10 +289,11 @@ SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,
     "ipndm": ipndm,
+    "unipc": unipc,
 }
 
 def get_solver(name: str) -> Callable[..., torch.Tensor]:
-    """Look up a solver by name (``euler``, ``heun``, ``dpmpp_2m``, ``ipndm``)."""
+    """Look up a solver by name (``euler``, ``heun``, ``dpmpp_2m``, ``ipndm``, ``unipc``)."""
     if name not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
     return SOLVERS[name]
