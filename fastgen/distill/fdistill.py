@@ -11,7 +11,7 @@ Networks (see :class:`FDistill`):
 Generator step (f-distill card, sections 1, 4, 5), for ``x = G(z)``, ``x_t = x + sigma eps``::
 
     r   = clip(exp(clamp(mean_heads logit(x_t), -10, 10)), 0.1, 20)          (detached)
-    r~  = r / bin_mean(log sigma)          h~ = h(r~) / mean_batch h(r~)      (detached, all-reduced)
+    r~  = r / bin_mean(log sigma)          h~ = h(r~) / mean_shard h(r~)      (detached; see ratio.py)
     g   = h~ * ((x - D_T) - (x - D_fake)) / (mean |x - D_T| + eps)          (DMD2's normalised gradient)
     L_G = 1/2 mean((x - sg(x - g))^2) + lambda_gan * mean softplus(-logit(x_t))
 
