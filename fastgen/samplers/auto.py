@@ -1,0 +1,117 @@
+"""Choose the solver and the schedule together: the best pair for one model and NFE by held-out error.
+
+:func:`auto_schedule` builds, for every solver, the closed-form schedules (Karras, log-linear) and the
+optimised ones (DP always; LD3 optionally, initialised from the DP result), each within the NFE
+budget (:func:`fastgen.core.solvers.steps_for_nfe` with ``exact=False``), and scores each by the
+endpoint RMSE to the exact ODE on *held-out* noises that no optimiser saw. The winner is returned as
+a :class:`~fastgen.samplers.schedule.Schedule` whose ``meta["auto"]`` ranks every candidate and
+records the runner-up margins (error ratios to the winner, > 1).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fastgen.core.ode import reference_solve
+from fastgen.core.schedules import karras, loglinear
+from fastgen.core.solvers import SOLVERS, steps_for_nfe
+from fastgen.samplers.dp import dp_schedules
+from fastgen.samplers.ld3 import LD3Options, learn_ld3
+from fastgen.samplers.optim_common import resolve_sigma_range
+from fastgen.samplers.schedule import Schedule, endpoint_rmse
+
+__all__ = ["auto_schedule", "METHODS"]
+
+#: Schedule kinds :func:`auto_schedule` can try.
+METHODS = ("karras", "loglinear", "dp", "ld3")
+
+
+def _candidates(denoiser, solver, nfe, noise, lo, hi, methods, dp_options, ld3_options, generator, cond
+                ) -> list[Schedule]:
+    steps = steps_for_nfe(solver, nfe, exact=False)
+    out = []
+    if steps >= 1 and "karras" in methods:
+        out.append(Schedule(karras(steps, lo, hi), method="karras", solver=solver, nfe=nfe))
+    if steps >= 1 and "loglinear" in methods:
+        out.append(Schedule(loglinear(steps, lo, hi), method="loglinear", solver=solver, nfe=nfe))
+    dp = None
+    if "dp" in methods or "ld3" in methods:
+        dp = dp_schedules(denoiser, noise, [nfe], solver=solver, sigma_min=lo, sigma_max=hi, progress=False,
+                          **(dp_options or {}), **cond)[nfe]
+        if "dp" in methods:
+            out.append(dp)
+    if "ld3" in methods and solver != "heun" and steps >= 2:  # heun: LD3's nfe // 2 steps differ from DP's
+        opts = ld3_options or LD3Options()
+        out.append(learn_ld3(denoiser, noise, solver=solver, nfe=nfe, options=opts, init=dp, sigma_min=lo,
+                             sigma_max=hi, generator=generator, progress=False, **cond))
+    return out
+
+
+def auto_schedule(
+    denoiser: Callable[..., torch.Tensor],
+    nfe: int,
+    noise: torch.Tensor,
+    held_out: torch.Tensor,
+    *,
+    solvers: Sequence[str] | None = None,
+    methods: Sequence[str] = ("karras", "loglinear", "dp"),
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    dp_options: dict[str, Any] | None = None,
+    ld3_options: LD3Options | None = None,
+    generator: torch.Generator | None = None,
+    model_id: str | None = None,
+    **cond: Any,
+) -> Schedule:
+    """The best (solver, schedule) for ``denoiser`` at ``nfe`` calls by held-out trajectory error.
+
+    Args:
+        noise: (B, ...) unit Gaussian noises the optimisers (DP, LD3) fit on.
+        held_out: (H, ...) other unit noises; every candidate is scored by the endpoint RMSE of its
+            solver from ``held_out * sigma_max`` to the exact ODE endpoint (adaptive reference solve).
+        solvers: names from :data:`fastgen.core.solvers.SOLVERS` (default: all).
+        methods: subset of :data:`METHODS`; "ld3" starts from the DP schedule (slow; not for Heun).
+        dp_options: keyword arguments for :func:`fastgen.samplers.dp.dp_schedules` (e.g. ``grid_size``).
+        cond: conditioning for every denoiser call (per-sample tensors must match ``noise``; use
+            unconditional or shared conditioning for held-out scoring).
+    Returns the winner; ``meta["auto"]`` holds ``ranking`` (``[solver, method, error]`` best first),
+    ``runner_up_margin`` (second-best error / best; inf if only one candidate) and
+    ``margins`` (per other solver: its best error / the winner's).
+    """
+    t0 = time.perf_counter()
+    solvers = list(SOLVERS) if solvers is None else list(solvers)
+    unknown = [s for s in solvers if s not in SOLVERS] + [m for m in methods if m not in METHODS]
+    if unknown or not solvers or not methods:
+        raise ValueError(f"solvers must be among {sorted(SOLVERS)} and methods among {METHODS}, got "
+                         f"{solvers!r}, {list(methods)!r}")
+    for name, t in (("noise", noise), ("held_out", held_out)):
+        if not isinstance(t, torch.Tensor) or t.ndim < 2 or t.shape[0] < 2:
+            raise ValueError(f"{name} must be a tensor of shape (N, ...) with N >= 2")
+    lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
+    with torch.no_grad():
+        reference = reference_solve(denoiser, held_out * hi, hi, 0.0, **cond)
+    scored = []
+    for solver in solvers:
+        for cand in _candidates(denoiser, solver, nfe, noise, lo, hi, methods, dp_options, ld3_options,
+                                generator, cond):
+            scored.append((endpoint_rmse(denoiser, cand, held_out, reference, **cond), solver, cand))
+    scored.sort(key=lambda item: item[0])
+    best_err, best_solver, best = scored[0]
+    per_solver: dict[str, float] = {}
+    for err, solver, _ in scored:
+        per_solver.setdefault(solver, err)
+    tiny = max(best_err, 1e-300)
+    best.model = model_id
+    best.meta = {**best.meta, "auto": {
+        "held_out_error": best_err,
+        "ranking": [[s, c.method, e] for e, s, c in scored],
+        "runner_up_margin": scored[1][0] / tiny if len(scored) > 1 else float("inf"),
+        "margins": {s: e / tiny for s, e in per_solver.items() if s != best_solver},
+        "held_out": int(held_out.shape[0]), "fit_noises": int(noise.shape[0]),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }}
+    return best
