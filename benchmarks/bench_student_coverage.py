@@ -22,6 +22,7 @@ from benchmarks.common import markdown_table, write_section
 from fastgen.metrics.coverage import class_diversity, fd_between, fd_to_teacher, knn_precision_recall, mean_ci
 
 TEACHER, STUDENT = "digits-edm", "digits-fdistill-js"
+TEMPERATURES = (0.8, 1.0, 1.5, 2.0)
 
 
 def _samplers():
@@ -69,6 +70,63 @@ def one_seed(seed: int, num: int, t_sample, s_sample, data: torch.Tensor) -> dic
     pr = knn_precision_recall(xt2, xt, k=3)  # teacher vs teacher: the ceiling for the row above
     out["prec_teacher_teacher"], out["rec_teacher_teacher"] = pr["precision"], pr["recall"]
     return out
+
+
+def _covered(ref: torch.Tensor, gen: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Bool ``(N_ref,)``: which reference samples lie in some generated sample's k-NN ball (pixels)."""
+    r, g = ref.reshape(len(ref), -1).double(), gen.reshape(len(gen), -1).double()
+    radii = torch.cdist(g, g).kthvalue(k + 1, dim=1).values
+    return (torch.cdist(r, g) <= radii.unsqueeze(0)).any(dim=1)
+
+
+def where_lost(seed: int, num: int, t_sample, s_sample) -> dict[str, list[float]]:
+    """Recall of the student against the teacher's samples, split by class and by how far each teacher
+    sample lies from its class mean (quartiles within each class: q1 = most typical, q4 = the tails)."""
+    labels = torch.arange(num) % 10
+    with torch.no_grad():
+        xt, xs = t_sample(_noise(num, seed), labels), s_sample(_noise(num, seed), labels)
+        xt2 = t_sample(_noise(num, seed + 10_000), labels)
+    out: dict[str, list[float]] = {"class_student": [], "class_floor": [], "q_student": [], "q_floor": []}
+    cov_s, cov_f = _covered(xt, xs), _covered(xt, xt2)
+    dist = torch.empty(num, dtype=torch.float64)
+    for c in range(10):
+        m = labels == c
+        out["class_student"].append(float(cov_s[m].double().mean()))
+        out["class_floor"].append(float(cov_f[m].double().mean()))
+        xc = xt[m].reshape(int(m.sum()), -1).double()
+        d = (xc - xc.mean(0)).norm(dim=1)
+        dist[m] = d.argsort().argsort().double() / (len(d) - 1)  # rank within the class in [0, 1]
+    for q in range(4):
+        sel = (dist >= q / 4) & (dist <= (q + 1) / 4) if q == 3 else (dist >= q / 4) & (dist < (q + 1) / 4)
+        out["q_student"].append(float(cov_s[sel].double().mean()))
+        out["q_floor"].append(float(cov_f[sel].double().mean()))
+    for scale in TEMPERATURES:  # does the student's coverage grow with the noise scale (a contracted map)?
+        with torch.no_grad():
+            xz = s_sample(_noise(num, seed) * scale, labels)
+        out.setdefault("t_recall", []).append(knn_precision_recall(xz, xt, k=3)["recall"])
+        out.setdefault("t_precision", []).append(knn_precision_recall(xz, xt, k=3)["precision"])
+        out.setdefault("t_div", []).append(class_diversity(xz)["diversity"])
+    return out
+
+
+def where_report(res: list[dict[str, list[float]]]) -> str:
+    def cell(key: str, i: int) -> str:
+        return _fmt([r[key][i] for r in res])
+
+    rows = [[f"digit {c}", cell("class_floor", c), cell("class_student", c)] for c in range(10)]
+    qrows = [[f"q{q + 1}" + (" (typical)" if q == 0 else " (tails)" if q == 3 else ""),
+              cell("q_floor", q), cell("q_student", q)] for q in range(4)]
+    trows = [[f"{t:g}", cell("t_recall", i), cell("t_precision", i), cell("t_div", i)]
+             for i, t in enumerate(TEMPERATURES)]
+    return (
+        "**Where recall is lost** (pixels, k=3, balls over the whole sample set; fraction of the teacher's "
+        "samples covered by the student's balls vs by another teacher draw's)\n\n"
+        + markdown_table(["teacher samples of", "teacher vs teacher (floor)", "student vs teacher"], rows)
+        + "\n\nBy distance of the teacher sample from its class mean (quartiles within each class):\n\n"
+        + markdown_table(["distance quartile", "teacher vs teacher (floor)", "student vs teacher"], qrows)
+        + "\n\nStudent noise scaled by a temperature (student input z * T; teacher samples unchanged):\n\n"
+        + markdown_table(["T", "recall vs teacher", "precision vs teacher", "within-class std"], trows)
+    )
 
 
 def _fmt(vals: list[float]) -> str:
@@ -124,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     pr = knn_precision_recall(train, data, k=3)
     floor = {"fd": fd_between(train, data, "digits"), "rec": pr["recall"], "prec": pr["precision"],
              "div": class_diversity(train, labels=load_digits_split("train").labels)["diversity"]}
+    lost = [where_lost(seed, args.num, t_sample, s_sample) for seed in range(args.seeds)]
     path = write_section("student_coverage", "One-step student vs teacher: coverage metrics",
-                         report(results, args.num, floor))
+                         report(results, args.num, floor) + "\n\n" + where_report(lost))
     print(path.read_text())
 
 
