@@ -346,3 +346,13 @@ def test_refused_options_are_clear_errors(name):
         sched.step(torch.zeros(1, 2, 4, 4), 0, torch.zeros(1, 2, 4, 4))
     with pytest.raises(ValueError, match="timesteps must lie in"):
         sched.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1000.0]))
+
+
+def test_functional_only_solver_is_refused_by_name():
+    """UniPC is a functional solver only: the scheduler names it and says where it does run."""
+    from fastgen.samplers.fastgen_scheduler import FastgenScheduler
+
+    with pytest.raises(ValueError, match=r"functional-only solver.*Schedule\.wrap"):
+        FastgenScheduler(solver="unipc")
+    with pytest.raises(ValueError, match=r"solver must be one of \['euler', 'heun', 'dpmpp_2m', 'ipndm'\]"):
+        FastgenScheduler(solver="nope")

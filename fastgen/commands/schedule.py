@@ -150,7 +150,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-noise", type=int, default=128, help="teacher trajectories (default 128)")
     p.add_argument("--grid-size", type=int, default=40, help="fine grid intervals K (default 40)")
     p.add_argument("--coeff", default="auto", help="GITS coefficient (1.0 = BOSS) or 'auto' (default)")
-    p.add_argument("--metric", default="l2,dev", help="cost metric(s): l2, l1, dev (comma-separated)")
+    p.add_argument("--metric", default="mse,abs_dev",
+                   help="cost metric(s), comma-separated: mse, abs_dev (fastgen's defaults), or GITS' own l2, l1, dev")
     _common(p, multi_nfe=True)
     p.set_defaults(func=_run_dp)
 

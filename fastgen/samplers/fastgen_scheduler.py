@@ -42,6 +42,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fastgen.core.schedules import loglinear, resample, validate_sigmas
 from fastgen.core.solvers import SOLVERS
+
+# The solvers whose single steps the scheduler runs (``_SchedulerBase._advance``). UniPC's corrector needs the
+# next model output before it commits a step, which a Diffusers ``step()`` cannot give, so it is functional-only.
+SCHEDULER_SOLVERS = ("euler", "heun", "dpmpp_2m", "ipndm")
 from fastgen.samplers._scheduler_base import PlanSchedulerMixin
 
 SCHEDULE_NAMES = ("karras", "loglinear", "default")
@@ -71,8 +75,11 @@ def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str |
         raise ValueError(f"schedule JSON {str(path)!r} must be an object with a top-level 'sigmas' list")
     sig = validate_sigmas(data["sigmas"], f"sigmas in {os.fspath(path)}")
     solver = data.get("solver")
-    if solver is not None and solver not in SOLVERS:
-        raise ValueError(f"solver in {os.fspath(path)} must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if solver is not None and solver not in SCHEDULER_SOLVERS:
+        raise ValueError(
+            f"solver in {os.fspath(path)} must be one of {list(SCHEDULER_SOLVERS)} for FastgenScheduler, got {solver!r}"
+            + (" (a functional-only solver: use fastgen.core.solvers with Schedule.wrap)" if solver in SOLVERS else "")
+        )
     if data.get("eval_sigmas") is not None:
         warnings.warn(
             f"{os.fspath(path)} has eval_sigmas (LD3 decoupled evaluation points); FastgenScheduler evaluates "
@@ -134,8 +141,11 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
                 "use that solver or leave solver unset"
             )
         solver = solver or json_solver or "euler"
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+        if solver not in SCHEDULER_SOLVERS:
+            raise ValueError(
+                f"solver must be one of {list(SCHEDULER_SOLVERS)}, got {solver!r}"
+                + (" (a functional-only solver: use fastgen.core.solvers with Schedule.wrap)" if solver in SOLVERS else "")
+            )
         self.register_to_config(solver=solver)
         self._setup(uses_heun=solver == "heun")
 
