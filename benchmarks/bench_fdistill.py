@@ -212,16 +212,16 @@ def load_models():
     import os
 
     from fastgen.distill.teacher import build_teacher
-    from fastgen.models import zoo
+    from fastgen.models import load_model, zoo
 
     names = zoo.list_models()
     teacher = None
     if "digits-edm" in names:
-        teacher = zoo.load("digits-edm")
+        teacher = load_model("digits-edm").denoiser
     elif os.environ.get("TEACHER"):
         teacher, _ = build_teacher(json.loads(os.environ["TEACHER"]))
     students = [n for n in names if n.startswith("digits-fdistill-")]
-    student = zoo.load(students[0]) if students else None
+    student = load_model(students[0]).generator if students else None
     return teacher, student
 
 

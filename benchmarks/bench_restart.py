@@ -187,9 +187,9 @@ def digits_bed() -> tuple[str, dict, dict] | None:
     if not weights.exists():
         return None
     from fastgen.metrics import digits_fd
-    from fastgen.models import load
+    from fastgen.models import load_model
 
-    den = load("digits-edm")
+    den = load_model("digits-edm").denoiser
     n = 900
 
     def cond_fn(b, g):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fastgen.data import load_digits_split
-from fastgen.models import load
+from fastgen.models import load_model
 from fastgen.samplers.ays import for_solver, optimize_ays
 from fastgen.samplers.dp import dp_schedules
 from fastgen.samplers.ld3 import learn_ld3
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["dp", "ays", "ld3"])
     args = p.parse_args()
     torch.manual_seed(0)
-    den = load("digits-edm")
+    den = load_model("digits-edm").denoiser
     OUT.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(1234)
     noise = torch.randn(400, 1, 8, 8, generator=g)
