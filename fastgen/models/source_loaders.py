@@ -224,7 +224,9 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
         # Components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly.
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **absent)
+            # float32 weights (fp16 folders are upcast): fastgen's solvers run in the noise's float32/float64.
+            pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+                                                     **absent)
         except (OSError, ValueError, TypeError) as err:
             raise ValueError(f"cannot load the Diffusers pipeline folder {str(path)!r}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
