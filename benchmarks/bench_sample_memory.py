@@ -59,8 +59,6 @@ def main() -> int:
     ok = ratio <= 1.10
     held = n1 * 64 * 4 / 2**20  # what holding every float32 (1, 8, 8) sample would cost
     lines = [
-        "# fastgen sample: peak RSS vs --num",
-        "",
         f"`fastgen sample {' '.join(ARGS)} --num N --out s.npz`, one fresh process per N, peak RSS from "
         "`getrusage(RUSAGE_CHILDREN).ru_maxrss` of a wrapper process (`benchmarks/bench_sample_memory.py`).",
         "",
@@ -74,8 +72,9 @@ def main() -> int:
         "the per-sample class labels (8 bytes each, 1.5 MiB at 200000).",
         "",
     ]
-    path = ROOT / "benchmarks" / "results" / "sample_memory.md"
-    path.write_text("\n".join(lines))
+    from benchmarks.common import write_section
+
+    path = write_section("sample_memory", "fastgen sample: peak RSS vs --num", "\n".join(lines))
     print(f"ratio {ratio:.3f} -> {path}")
     return 0 if ok else 1
 
