@@ -8,12 +8,8 @@ import math
 import pytest
 import torch
 
-from fastgen.core.denoiser import (
-    EDMDenoiser,
-    EmpiricalDenoiser,
-    GaussianMixtureDenoiser,
-    sigma_batch,
-)
+from fastgen.core.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser
+from fastgen.core.denoiser import EDMDenoiser, sigma_batch
 from fastgen.data.toy import random_mixture, ring_mixture
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastgen.core import ode, solvers
-from fastgen.core.denoiser import EmpiricalDenoiser
+from fastgen.core.analytic import EmpiricalDenoiser
 from fastgen.core.schedules import karras, loglinear
 from fastgen.core.solvers import NonFiniteError
 from fastgen.data.toy import random_mixture, ring_mixture

@@ -172,4 +172,5 @@ def test_trainer_runs_the_mixture_gft_config(tmp_path):
     recs = Trainer(cfg).train()
     assert len(recs) == 2 and all(math.isfinite(r["loss/main"]) and "loss_u" in r for r in recs)
     with pytest.raises(ValueError, match="beta"):
-        Trainer(load_config("fastgen/configs/train/mixture-gft.yaml", ["network.scalars=[]", f"output_dir={tmp_path}/b"]))
+        overrides = ["network.scalars=[]", f"output_dir={tmp_path}/b"]
+        Trainer(load_config("fastgen/configs/train/mixture-gft.yaml", overrides))

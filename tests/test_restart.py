@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastgen.core import solvers
-from fastgen.core.denoiser import GaussianMixtureDenoiser
+from fastgen.core.analytic import GaussianMixtureDenoiser
 from fastgen.core.schedules import karras
 from fastgen.samplers import restart_sample
 from fastgen.samplers.restart import (

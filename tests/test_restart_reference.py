@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgen.core.denoiser import GaussianMixtureDenoiser
+from fastgen.core.analytic import GaussianMixtureDenoiser
 from fastgen.samplers import restart_sample
 from fastgen.samplers.restart import PRESETS, auto_plan, get_preset
 

@@ -46,7 +46,8 @@ from diffusers import (  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from fastgen.core import solvers  # noqa: E402
-from fastgen.core.denoiser import GaussianMixtureDenoiser, from_diffusers  # noqa: E402
+from fastgen.core.analytic import GaussianMixtureDenoiser  # noqa: E402
+from fastgen.core.denoiser import from_diffusers  # noqa: E402
 from fastgen.core.schedules import FLOW_SIGMA_MAX  # noqa: E402
 from fastgen.samplers import FastgenScheduler, RestartScheduler, restart_sample  # noqa: E402
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastgen.core.denoiser import GaussianMixtureDenoiser
+from fastgen.core.analytic import GaussianMixtureDenoiser
 from fastgen.samplers.ays import (
     AYS_SIGMAS,
     _draw,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgen.core.denoiser import GaussianMixtureDenoiser
+from fastgen.core.analytic import GaussianMixtureDenoiser
 from fastgen.core.schedules import karras
 from fastgen.samplers.dp import brute_force_select, cost_matrix, dp_schedule, dp_select, dp_select_all
 

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fastgen.core.denoiser import GaussianMixtureDenoiser
+from fastgen.core.analytic import GaussianMixtureDenoiser
 from fastgen.core.ode import reference_trajectory
 from fastgen.core.schedules import karras
 from fastgen.samplers.dp import cost_matrix, dp_select_all

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgen.core.denoiser import GaussianMixtureDenoiser
+from fastgen.core.analytic import GaussianMixtureDenoiser
 from fastgen.core.solvers import dpmpp_2m
 from fastgen.samplers.ld3 import clamp_offsets, learn_ld3, logits_to_knots, rmse_distance
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from fastgen.core.denoiser import GaussianMixtureDenoiser, vp_sigmas_from_config
+from fastgen.core.analytic import GaussianMixtureDenoiser
+from fastgen.core.denoiser import vp_sigmas_from_config
 from fastgen.core.schedules import karras
 from fastgen.samplers.ays import ays_schedule, ays_timesteps
 from fastgen.samplers.schedule import Schedule, apply_terminal, endpoint_rmse, steps_within_nfe

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgen.core.denoiser import EmpiricalDenoiser
+from fastgen.core.analytic import EmpiricalDenoiser
 from fastgen.core.ode import reference_solve
 from fastgen.core.schedules import karras
 from fastgen.data import load_digits_split

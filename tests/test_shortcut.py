@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastgen.core.denoiser import GaussianMixtureDenoiser
+from fastgen.core.analytic import GaussianMixtureDenoiser
 from fastgen.core.solvers import euler
 from fastgen.data.toy import ring_mixture
 from fastgen.samplers.shortcut import (

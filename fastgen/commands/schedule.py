@@ -66,7 +66,7 @@ class TestBed:
 
 def load_testbed(name: str, bandwidth: float = 0.25, prompts: list[str] | None = None) -> TestBed:
     """Build the test bed of ``name`` (``digits-empirical`` or any :func:`load_model` source)."""
-    from fastgen.core.denoiser import EmpiricalDenoiser
+    from fastgen.core.analytic import EmpiricalDenoiser
     from fastgen.data import load_digits_split
     from fastgen.models import load_model
 

@@ -2,7 +2,7 @@
 
 A mixture is ``p(x0) = sum_k w_k N(mu_k, s_k^2 I)`` (isotropic components) with
 ``weights`` (K,), ``means`` (K, d) and ``stds`` (K,). ``denoiser()`` returns the exact
-:class:`fastgen.core.denoiser.GaussianMixtureDenoiser` of the mixture.
+:class:`fastgen.core.analytic.GaussianMixtureDenoiser` of the mixture.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen.core.denoiser import GaussianMixtureDenoiser
+from fastgen.core.analytic import GaussianMixtureDenoiser
 
 
 @dataclass(frozen=True)

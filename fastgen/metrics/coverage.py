@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fastgen.metrics.compute import precision_recall
+from fastgen.metrics.scores import precision_recall
 from fastgen.metrics.stats import FeatureStatistics, frechet_distance
 
 __all__ = ["coverage_features", "knn_precision_recall", "fd_between", "fd_to_teacher", "class_diversity", "mean_ci"]

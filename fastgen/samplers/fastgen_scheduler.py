@@ -40,28 +40,15 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fastgen.core.schedules import loglinear, resample, validate_sigmas
+from fastgen.core.schedules import TERMINALS, apply_terminal, loglinear, resample, validate_sigmas
 from fastgen.core.solvers import SOLVERS
-
-# The solvers whose single steps the scheduler runs (``_SchedulerBase._advance``). UniPC's corrector needs the
-# next model output before it commits a step, which a Diffusers ``step()`` cannot give, so it is functional-only.
-SCHEDULER_SOLVERS = ("euler", "heun", "dpmpp_2m", "ipndm")
 from fastgen.samplers._scheduler_base import PlanSchedulerMixin
 
 SCHEDULE_NAMES = ("karras", "loglinear", "default")
-TERMINALS = ("replace", "append", "keep")
-
-
-def with_terminal(sigmas: torch.Tensor, terminal: str) -> torch.Tensor:
-    """A list schedule ending at a positive sigma (AYS "knots" form) made to end as ``terminal`` says:
-    "replace" its last sigma by 0 (Diffusers/ComfyUI), "append" a 0 (A1111), or "keep" it."""
-    if float(sigmas[-1]) == 0 or terminal == "keep":
-        return sigmas
-    if terminal == "append":
-        return torch.cat([sigmas, sigmas.new_zeros(1)])
-    if len(sigmas) < 3:
-        raise ValueError("terminal='replace' needs at least 3 sigmas (2 positive ones are left)")
-    return torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
+# The solvers whose single steps the scheduler runs (``_SchedulerBase._advance``). UniPC's corrector needs the
+# next model output before it commits a step, which a Diffusers ``step()`` cannot give, so it is functional-only.
+SCHEDULER_SOLVERS = ("euler", "heun", "dpmpp_2m", "ipndm")
+_FUNCTIONAL_ONLY = " (a functional-only solver: use fastgen.core.solvers with Schedule.wrap)"
 
 
 def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str | None]:
@@ -78,7 +65,7 @@ def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str |
     if solver is not None and solver not in SCHEDULER_SOLVERS:
         raise ValueError(
             f"solver in {os.fspath(path)} must be one of {list(SCHEDULER_SOLVERS)} for FastgenScheduler, got {solver!r}"
-            + (" (a functional-only solver: use fastgen.core.solvers with Schedule.wrap)" if solver in SOLVERS else "")
+            + (_FUNCTIONAL_ONLY if solver in SOLVERS else "")
         )
     if data.get("eval_sigmas") is not None:
         warnings.warn(
@@ -144,7 +131,7 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
         if solver not in SCHEDULER_SOLVERS:
             raise ValueError(
                 f"solver must be one of {list(SCHEDULER_SOLVERS)}, got {solver!r}"
-                + (" (a functional-only solver: use fastgen.core.solvers with Schedule.wrap)" if solver in SOLVERS else "")
+                + (_FUNCTIONAL_ONLY if solver in SOLVERS else "")
             )
         self.register_to_config(solver=solver)
         self._setup(uses_heun=solver == "heun")
@@ -157,7 +144,7 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
                 sig = torch.tensor(cfg.schedule, dtype=torch.float64)
                 extra = 1 if (cfg.terminal == "append" and float(sig[-1]) > 0) else 0
                 native = len(sig) - 1 + extra
-                grid = with_terminal(sig if n == native else resample(sig, n - extra), cfg.terminal)
+                grid = apply_terminal(sig if n == native else resample(sig, n - extra), cfg.terminal)
             elif cfg.schedule == "default":
                 grid = self._default_grid(n)
             elif cfg.schedule == "karras":
