@@ -8,9 +8,9 @@
 3. ICG (random class) and TSG (time-embedding noise, s = 1, alpha = 0) vs CFG vs no guidance on the same
    teacher: FD_digits and the classifier's mean probability of the requested class.
 
-The teacher is ``digits-edm`` from the zoo, or the safetensors file named by the environment variable
-``FASTGEN_GFT_BASE`` (the teacher snapshot GFT was fine-tuned from, when that differs). Writes
-``benchmarks/results/shortcut_gft.md`` and two PNGs.
+The teacher is ``digits-edm`` from the zoo, or any ``load_model`` source (e.g. a training run's checkpoint)
+named by the environment variable ``FASTGEN_GFT_BASE`` (the teacher GFT was fine-tuned from, when that differs).
+Writes ``benchmarks/results/shortcut_gft.md`` and two PNGs.
 """
 
 from __future__ import annotations
@@ -96,25 +96,10 @@ def shortcut_section() -> tuple[str, dict]:
 
 
 def _teacher() -> tuple[nn.Module, str]:
-    from fastgen.core.denoiser import EDMDenoiser
-    from fastgen.models import load
-    from fastgen.models.zoo import list_models, model_info
+    from fastgen.models import load_model
 
-    path = os.environ.get("FASTGEN_GFT_BASE")
-    if path:
-        from safetensors.torch import load_file
-
-        from fastgen.models.nets import build_network
-
-        net_kw = dict(model_info("digits-gft")["network"])
-        net_kw.pop("scalars", None)
-        net_kw.pop("scalar_defaults", None)
-        net = build_network(net_kw.pop("kind"), **net_kw)
-        net.load_state_dict({k: v.float() for k, v in load_file(path).items()})
-        return EDMDenoiser(net.eval().requires_grad_(False), sigma_data=0.5), f"teacher snapshot `{path}`"
-    if "digits-edm" in list_models():
-        return load("digits-edm"), "`digits-edm`"
-    raise RuntimeError("no teacher: the zoo has no digits-edm and FASTGEN_GFT_BASE is unset")
+    source = os.environ.get("FASTGEN_GFT_BASE", "digits-edm")
+    return load_model(source).denoiser, f"`{source}`"
 
 
 def _heun(den: nn.Module, steps: int = 16) -> torch.Tensor:
