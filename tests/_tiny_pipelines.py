@@ -5,6 +5,9 @@
   2 latent channels, 8x8 latents -> 8x8 images).
 - :func:`save_sd3_pipeline` -- ``StableDiffusion3Pipeline``: tiny ``SD3Transformer2DModel``, two CLIP
   encoders with projection (no T5), a VAE with ``shift_factor``, ``FlowMatchEulerDiscreteScheduler``.
+- :func:`save_flux_pipeline` -- ``FluxPipeline``: tiny ``FluxTransformer2DModel`` (1 double + 1 single
+  block, in_channels 16 = 4 x 4 latent channels), CLIP (pooled) + a 1-layer T5 encoder over a Unigram
+  vocabulary, a VAE with ``shift_factor`` (8x8 latents, packed 2x2 into 16 tokens).
 """
 
 from __future__ import annotations
@@ -77,5 +80,42 @@ def save_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
         vae=_vae(4, seed + 1, shift=0.1), text_encoder=_clip(vocab, 8, seed + 2, projection=4), tokenizer=tok,
         text_encoder_2=_clip(vocab, 8, seed + 3, projection=4), tokenizer_2=tok, text_encoder_3=None,
         tokenizer_3=None)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_t5(folder: Path, seed: int):
+    """A Unigram ``T5Tokenizer`` (pad 0, eos 1, unk 2, one piece per character) and a 1-layer T5 encoder."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,"]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=16)
+    cfg = T5Config(vocab_size=len(pieces), d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                   feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    return tok, _reinit(T5EncoderModel(cfg), seed)
+
+
+def tiny_flux_pipeline_transformer(seed: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    return _reinit(tr, seed)
+
+
+def save_flux_pipeline(folder: Path, seed: int = 0) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    tok, vocab = tiny_tokenizer(folder.parent / f"{folder.name}-tok")
+    tok2, t5 = tiny_t5(folder.parent / f"{folder.name}-t5", seed + 3)
+    pipe = FluxPipeline(
+        transformer=tiny_flux_pipeline_transformer(seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=_vae(4, seed + 1, shift=0.1), text_encoder=_clip(vocab, 8, seed + 2), tokenizer=tok,
+        text_encoder_2=t5, tokenizer_2=tok2)
     pipe.save_pretrained(str(folder))
     return folder

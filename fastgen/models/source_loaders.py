@@ -211,11 +211,13 @@ class _Parts:
 
 def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
     """A local Diffusers pipeline folder: UNet2DModel (DDPM), SD-style UNet2DConditionModel + CLIP + VAE,
-    SD3-style flow transformer. Prompts are encoded with the pipeline's own ``encode_prompt``."""
+    SD3-style flow transformer, Flux (``FluxTransformer2DModel``; state: unpacked latents ``(C, H, W)``,
+    :mod:`fastgen.models.flux`). Prompts are encoded with the pipeline's own ``encode_prompt``."""
     from diffusers import DiffusionPipeline
 
-    from fastgen.core.denoiser import from_diffusers
+    from fastgen.core.denoiser import DiffusersFlowDenoiser, from_diffusers
     from fastgen.core.schedules import diffusers_table, is_flow_config
+    from fastgen.models.flux import FluxUnpacked, flux_latent_shape
 
     if not (path / "model_index.json").is_file():
         pipe = _Parts(path)
@@ -233,24 +235,27 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
     net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if net is None:
         raise ValueError(f"{str(path)!r} ({type(pipe).__name__}) has neither a unet nor a transformer")
-    if "Flux" in type(net).__name__:
-        raise ValueError(f"{str(path)!r}: Flux pipelines (packed latents) are not served by load_model yet; "
-                         "accepted: UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel pipelines")
     frozen(net, device)
     sched_cfg = dict(pipe.scheduler.config)
-    den = from_diffusers(net, sched_cfg)
+    c = net.config
+    vae = getattr(pipe, "vae", None)
+    if "Flux" in type(net).__name__:  # packed 2x2 latents: the denoiser takes them unpacked (C, H, W)
+        shape = flux_latent_shape(c, getattr(vae, "config", None))
+        den = DiffusersFlowDenoiser(FluxUnpacked(net), timestep_scale=1.0)  # Flux takes t in [0, 1]
+        # Dynamic shifting: the shift FluxPipeline computes for this shape's H/2 * W/2 tokens.
+        kw = {"mu": _flux_mu(sched_cfg, shape[1] * shape[2] // 4)} if sched_cfg.get("use_dynamic_shifting") else {}
+    else:
+        den, kw = from_diffusers(net, sched_cfg), {}
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        shape = (int(c.in_channels), int(size), int(size))
     if is_flow_config(sched_cfg):
-        table = diffusers_table(sched_cfg, int(sched_cfg.get("num_train_timesteps", 1000)))
+        table = diffusers_table(sched_cfg, int(sched_cfg.get("num_train_timesteps", 1000)), **kw)
         pos = table[table > 0]
         lo, hi = float(pos.min()), float(pos.max())
     else:
         lo, hi = float(den.sigma_min), float(den.sigma_max)
-    c = net.config
-    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    shape = (int(c.in_channels), int(size), int(size))
     text = getattr(pipe, "text_encoder", None) is not None
     n_cls = getattr(c, "num_class_embeds", None)
-    vae = getattr(pipe, "vae", None)
     loaded = LoadedModel(
         name=name, kind="teacher", shape=shape, sigma_min=lo, sigma_max=hi,
         conditioning="prompt" if text else ("class" if n_cls else "none"), num_classes=n_cls,
@@ -268,12 +273,30 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
     return loaded
 
 
+def _flux_mu(sched_cfg: dict[str, Any], seq_len: int) -> float:
+    """FluxPipeline's dynamic-shift ``mu`` for ``seq_len`` packed image tokens."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return float(calculate_shift(seq_len, sched_cfg.get("base_image_seq_len", 256),
+                                 sched_cfg.get("max_image_seq_len", 4096), sched_cfg.get("base_shift", 0.5),
+                                 sched_cfg.get("max_shift", 1.15)))
+
+
 def _prompt_encoder(pipe: Any, device: Any):
-    """``texts -> condition keywords`` of the pipeline's denoiser network (no grad, detached)."""
+    """``texts -> condition keywords`` of the pipeline's denoiser network (no grad, detached).
+
+    Flux: T5 padded to ``min(512, tokenizer_2.model_max_length)`` tokens (FluxPipeline's default 512)."""
     sd3 = "StableDiffusion3" in type(pipe).__name__
+    flux = "Flux" in type(pipe).__name__
 
     @torch.no_grad()
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        if flux:
+            tok = getattr(pipe, "tokenizer_2", None)
+            n_max = min(512, int(getattr(tok, "model_max_length", 512) or 512))
+            emb, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device,
+                                                num_images_per_prompt=1, max_sequence_length=n_max)
+            return {"encoder_hidden_states": emb.detach(), "pooled_projections": pooled.detach()}
         if sd3:
             emb, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
                                                    num_images_per_prompt=1, do_classifier_free_guidance=False)

@@ -10,8 +10,10 @@
   method prescribes (``edm``, ``flow``, ``gft``; an ``fdistill`` run gives its one-step student);
 - an exported student (``DIR/student.safetensors`` + ``student.json``, the directory, or either file);
 - a local Diffusers pipeline folder (``model_index.json``): ``UNet2DModel`` pipelines (DDPM),
-  SD-style ``UNet2DConditionModel`` + text encoder + VAE, SD3-style flow transformers; or a partial
-  folder with ``unet/`` (or ``transformer/``) and ``scheduler/`` only;
+  SD-style ``UNet2DConditionModel`` + text encoder + VAE, SD3-style flow transformers, Flux
+  (``FluxTransformer2DModel`` + CLIP + T5 + VAE; the state is the unpacked latent ``(C, H, W)``, packed 2x2
+  around the transformer by :mod:`fastgen.models.flux`); or a partial folder with ``unet/`` (or
+  ``transformer/``) and ``scheduler/`` only;
 - a mixture spec: ``ring-mixture``, ``grid-mixture``, ``random-mixture`` (or ``mixture:ring`` ...;
   options as keywords, e.g. ``load_model("mixture:random", dim=4, num_modes=3)``): the exact denoiser.
 
