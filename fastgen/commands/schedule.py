@@ -103,7 +103,8 @@ def _model_samples(bed: TestBed, n: int, generator: torch.Generator) -> tuple[to
 
 
 def _common(p: argparse.ArgumentParser, multi_nfe: bool = False) -> None:
-    p.add_argument("--model", default="digits-empirical", help=f"test bed / model: {', '.join(MODELS)}")
+    p.add_argument("--model", default="digits-empirical",
+                   help=f"{', '.join(MODELS)}, or any load_model source: zoo/pipeline name, run dir, pipeline folder")
     p.add_argument("--solver", default="dpmpp_2m", help="euler | heun | dpmpp_2m | ipndm (default dpmpp_2m)")
     if multi_nfe:
         p.add_argument("--nfe", type=int, nargs="+", default=[6], help="NFE budget(s), one schedule each")
