@@ -11,14 +11,14 @@ PIP    := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# A CPU wheel satisfies the torch range; install it first so pip never pulls a CUDA build here.
-	$(PIP) install --quiet "torch>=2.4,<2.14" -c constraints.txt
+	$(PIP) install --quiet "torch>=2.6,<2.14" -c constraints.txt
 	$(PIP) install --quiet -e ".[dev]" -c constraints.txt
 	touch $@
 
 LATEST := .venv-latest
 $(LATEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LATEST)
-	$(LATEST)/bin/python -m pip install --quiet "torch>=2.4,<2.14"
+	$(LATEST)/bin/python -m pip install --quiet "torch>=2.6,<2.14"
 	$(LATEST)/bin/python -m pip install --quiet --upgrade -e ".[dev]"
 	touch $@
 

@@ -311,7 +311,9 @@ class Trainer(CheckpointMixin):
             for g, p in zip(avg[name], ps):
                 p.grad = g
             if o["grad_clip"] is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in ps if p.grad is not None], float(o["grad_clip"]))
+                # the pre-clip norm is already known from the health check: clip with it, don't recompute it
+                torch.nn.utils.clip_grads_with_norm_([p for p in ps if p.grad is not None], float(o["grad_clip"]),
+                                                     torch.tensor(norms[name]))
                 logs[f"grad_norm/{name}"] = norms[name]
             lr = self.lr_at(name, step)
             for g in self.optimizers[name].param_groups:
