@@ -137,7 +137,9 @@ def test_unit_float_images_with_value_range_match_minus_one_one():
     ref01 = (ref + 1) / 2
     fd01 = fid(x, ref01, "digits", value_range="0,1", progress=False)
     fd11 = fid(x * 2 - 1, ref01 * 2 - 1, "digits", progress=False)
-    assert fd01 == pytest.approx(fd11, rel=1e-12, abs=1e-12)  # identical float32 inputs -> identical FD
+    # The two sides map [0, 1] to [-1, 1] by different float32 expressions (last-bit differences), then pass
+    # the float32 classifier: the FDs agree to ~1e-6 relative, while a misread range moves FD by orders of magnitude.
+    assert fd01 == pytest.approx(fd11, rel=1e-6)
     with pytest.raises(ValueError, match="value_range"):
         fid(x, ref, "digits", progress=False)  # never guessed
 
@@ -148,10 +150,10 @@ def test_fid_uses_the_stats_files_extractor(tmp_path):
     st = extract_features(ref, "digits", progress=False).reference()
     path = save_stats(tmp_path / "digits-test.npz", st.mu, st.sigma, **st.meta)
     x = _digits(300)
-    # Both sides extract x in the same batches (64) and the reference is the saved float64 statistics, so the
-    # float32 features are bit-identical and only float64 FD arithmetic separates the two: rel 1e-9 is loose.
+    # Both sides pass x through the float32 classifier; nothing promises the same batching on both paths, so the
+    # float32 bound (~1e-6 relative) applies. The Inception path would give an FD of another scale entirely.
     assert fid(x, path, progress=False) == pytest.approx(
-        frechet_distance(*_musig(x), st.mu, st.sigma), rel=1e-9)
+        frechet_distance(*_musig(x), st.mu, st.sigma), rel=1e-6)
 
 
 def _musig(x):
