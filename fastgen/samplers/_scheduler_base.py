@@ -38,6 +38,7 @@ import torch
 
 from fastgen.core import solvers as core_solvers
 from fastgen.core.denoiser import DiffusersVPDenoiser, flow_output_to_x0, vp_output_to_x0
+from fastgen.core.schedules import sigma_to_flow_t, ve_to_flow
 from fastgen.samplers._scheduler_grids import GridMixin
 from fastgen.samplers._scheduler_plan import (
     BETA_KEYS,
@@ -265,11 +266,11 @@ class PlanSchedulerMixin(GridMixin):
     # ------------------------------------------------------------------ step
     def _x0(self, out: torch.Tensor, x: torch.Tensor, state: torch.Tensor, sigma: float) -> torch.Tensor:
         """x0 through the core adapters' conversions (VP output or flow velocity ``eps - x0``)."""
-        t = sigma / (1 + sigma)
+        t = sigma_to_flow_t(sigma)
         if self.config.state_space == "flow":  # state = x_fm
             return flow_output_to_x0(out, state, t)
         if self.config.prediction_type == "flow":
-            return flow_output_to_x0(out, x / (1 + sigma), t)
+            return flow_output_to_x0(out, ve_to_flow(x, sigma), t)
         return vp_output_to_x0(out, x, sigma, self.config.prediction_type)
 
     def _advance(self, x: torch.Tensor, denoised: torch.Tensor, c: int) -> torch.Tensor:

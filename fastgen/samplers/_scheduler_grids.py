@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastgen.core.schedules import flow_t_to_sigma, karras, validate_sigmas
+from fastgen.core.schedules import flow_t_to_sigma, karras, sigma_to_flow_t, validate_sigmas
 from fastgen.samplers._scheduler_plan import FLOW_KEYS, build_call_plan, shift_flow_t
 
 
@@ -165,7 +165,7 @@ class GridMixin:
 
     def _sigma_to_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.config.state_space == "flow":
-            return sigma / (1 + sigma) * 1000.0
+            return sigma_to_flow_t(sigma) * 1000.0
         return self._vp.sigma_to_t(sigma)
 
     def _timestep_to_sigma(self, timestep: torch.Tensor) -> torch.Tensor:
