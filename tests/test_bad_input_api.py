@@ -209,3 +209,20 @@ def test_cli_two_image_fid_says_so(files, capsys):
     err = capsys.readouterr().err
     assert "fastgen fid: warning: samples: only 2 images" in err and "Traceback" not in err
     assert "SmallSampleWarning" not in err
+
+
+def test_atomic_write_keeps_the_old_file_on_error_and_uses_umask_permissions(tmp_path):
+    """A failed write leaves the previous content and no temporary; a finished one has the umask's mode."""
+    import os
+
+    p = tmp_path / "s.json"
+    p.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_write(p, "w") as f:
+        f.write("half")
+        raise RuntimeError("boom")
+    assert p.read_text() == "old" and [q.name for q in tmp_path.iterdir()] == ["s.json"]
+    with atomic_write(p, "w") as f:
+        f.write("new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.read_text() == "new" and (p.stat().st_mode & 0o777) == (0o666 & ~umask)

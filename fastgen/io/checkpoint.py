@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastgen.io.hashing import file_sha256
+from fastgen.io.paths import atomic_write
 
 __all__ = [
     "write_checkpoint",
@@ -46,12 +47,6 @@ LATEST = "latest"
 
 def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -104,7 +99,8 @@ def write_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _atomic_text(root / LATEST, final.name + "\n")
+    with atomic_write(root / LATEST, "w") as f:
+        f.write(final.name + "\n")
     return final
 
 

@@ -9,7 +9,6 @@ temporary file in the same folder and renames it, so a crash never leaves half a
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,11 +64,12 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     p = check_output_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    # a plain open (not mkstemp, whose files are 0600) so the result gets the usual umask permissions
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode) as f:
             yield f
         os.replace(tmp, p)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -235,10 +235,11 @@ class Schedule:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON file (parents created); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
-        return path
+        from fastgen.io.paths import atomic_write
+
+        with atomic_write(path, "w") as f:
+            f.write(self.to_json() + "\n")
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
