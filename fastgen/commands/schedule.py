@@ -1,4 +1,4 @@
-"""``fastgen schedule {ays,ld3,dp,show}``: optimise a sampling schedule and write it as JSON.
+"""``fastgen schedule {ays,ld3,dp,auto,show}``: optimise a sampling schedule and write it as JSON.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     fastgen schedule ays --model digits-empirical --solver dpmpp_2m --nfe 6 --out ays.json
     fastgen schedule ld3 --model digits-edm --solver dpmpp_2m --nfe 6 --out ld3.json
     fastgen schedule dp --model ring-mixture --solver ipndm --nfe 4 6 8 --out dp_{nfe}.json
+    fastgen schedule auto --model ring-mixture --nfe 6 --out best6.json
     fastgen schedule show ld3.json
 
 Models (``--model``): anything :func:`fastgen.models.load_model` serves that has a denoiser (zoo
@@ -43,6 +44,7 @@ class TestBed:
     dtype: torch.dtype
     model: Any = None  # the LoadedModel (None for digits-empirical)
     prompts: list[str] | None = None
+    guidance: float = 1.0  # the CFG scale ``denoiser`` already applies (1: the conditional model itself)
 
     def noise(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` unit Gaussian noises and (for class-conditional models) uniform random labels."""
@@ -64,8 +66,35 @@ class TestBed:
         return None if self.model is None else self.model.identity()
 
 
-def load_testbed(name: str, bandwidth: float = 0.25, prompts: list[str] | None = None) -> TestBed:
-    """Build the test bed of ``name`` (``digits-empirical`` or any :func:`load_model` source)."""
+def load_testbed(name: str, bandwidth: float = 0.25, prompts: list[str] | None = None, guidance: float = 1.0,
+                 negative_prompt: str | None = None) -> TestBed:
+    """Build the test bed of ``name`` (``digits-empirical`` or any :func:`load_model` source).
+
+    ``guidance != 1`` makes the bed's denoiser the CFG denoiser ``D_u + w (D_c - D_u)`` (DiT convention) of a
+    conditional model, so a schedule is learned for the ODE that is sampled at that scale; the unconditional
+    branch is the empty prompt (or ``negative_prompt``) for text models and the null class for class models.
+    """
+    bed = _load_testbed(name, bandwidth, prompts)
+    if guidance == 1.0 and negative_prompt is None:
+        return bed
+    if bed.model is None:
+        raise ValueError(f"--guidance/--negative-prompt do not apply to {name} (an unconditional stand-in)")
+    if guidance == 1.0:
+        raise ValueError("--negative-prompt needs --guidance != 1 (at 1 the unconditional branch is not used)")
+    if negative_prompt is not None and bed.model.conditioning != "prompt":
+        raise ValueError(f"--negative-prompt applies to text-to-image models; {name} takes "
+                         f"{bed.model.conditioning} conditioning")
+    from fastgen.samplers.guidance import cfg
+
+    first = None if bed.model.conditioning != "prompt" else (bed.prompts or [""])[:1]
+    # condition() validates the scale and the model's conditioning; uncond holds ONE row, expanded per call.
+    _, uncond = bed.model.condition(1, prompts=first, negative_prompt=negative_prompt, guidance=guidance)
+    bed.denoiser = cfg(bed.denoiser, guidance, uncond)
+    bed.guidance = guidance
+    return bed
+
+
+def _load_testbed(name: str, bandwidth: float, prompts: list[str] | None) -> TestBed:
     from fastgen.core.analytic import EmpiricalDenoiser
     from fastgen.data import load_digits_split
     from fastgen.models import load_model
@@ -102,10 +131,12 @@ def _model_samples(bed: TestBed, n: int, generator: torch.Generator) -> tuple[to
         return heun(bed.denoiser, z * sig[0], sig, **cond), labels
 
 
-def _common(p: argparse.ArgumentParser, multi_nfe: bool = False) -> None:
+def _common(p: argparse.ArgumentParser, multi_nfe: bool = False, solver: bool = True) -> None:
     p.add_argument("--model", default="digits-empirical",
                    help=f"{', '.join(MODELS)}, or any load_model source: zoo/pipeline name, run dir, pipeline folder")
-    p.add_argument("--solver", default="dpmpp_2m", help="euler | heun | dpmpp_2m | ipndm (default dpmpp_2m)")
+    if solver:
+        p.add_argument("--solver", default="dpmpp_2m",
+                       help="euler | heun | dpmpp_2m | ipndm | unipc (default dpmpp_2m)")
     if multi_nfe:
         p.add_argument("--nfe", type=int, nargs="+", default=[6], help="NFE budget(s), one schedule each")
     else:
@@ -116,6 +147,9 @@ def _common(p: argparse.ArgumentParser, multi_nfe: bool = False) -> None:
     p.add_argument("--out", required=True, help="output JSON path" + (" ('{nfe}' is replaced)" if multi_nfe else ""))
     p.add_argument("--prompt", action="append", default=None, help="text pipelines: a prompt (repeatable)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="text pipelines: prompts, one per line")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="CFG scale the schedule is learned for (conditional models; default 1 = no guidance)")
+    p.add_argument("--negative-prompt", default=None, help="text pipelines with --guidance: the unconditional prompt")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -156,6 +190,18 @@ def register(subparsers: Any) -> None:
     _common(p, multi_nfe=True)
     p.set_defaults(func=_run_dp)
 
+    p = sub.add_parser("auto", help="the best solver + schedule for --model at --nfe by held-out trajectory error")
+    p.add_argument("--solvers", default=None,
+                   help="comma-separated solvers to try (default: every fastgen solver)")
+    p.add_argument("--methods", default="karras,loglinear,dp,ld3",
+                   help="comma-separated schedule kinds: karras, loglinear, dp, ld3 (default all; ld3 starts from dp)")
+    p.add_argument("--num-noise", type=int, default=64, help="noises the optimisers fit on (default 64)")
+    p.add_argument("--held-out", type=int, default=64, help="other noises every candidate is scored on (default 64)")
+    p.add_argument("--grid-size", type=int, default=40, help="DP fine grid intervals K (default 40)")
+    p.add_argument("--ld3-iterations", type=int, default=60, help="LD3 iterations per solver (default 60)")
+    _common(p, solver=False)
+    p.set_defaults(func=_run_auto)
+
     p = sub.add_parser("show", help="print a schedule JSON")
     p.add_argument("file", help="schedule JSON path")
     p.set_defaults(func=_run_show)
@@ -184,7 +230,8 @@ def _check_common(args: argparse.Namespace, exact_nfe: bool = False) -> None:
 def _bed(args: argparse.Namespace) -> TestBed:
     from fastgen.commands.sample import _prompts
 
-    return load_testbed(args.model, prompts=_prompts(args))
+    return load_testbed(args.model, prompts=_prompts(args), guidance=args.guidance,
+                        negative_prompt=args.negative_prompt)
 
 
 def _range(args: argparse.Namespace, bed: TestBed) -> tuple[float | None, float | None]:
@@ -203,6 +250,7 @@ def _finish(sched: Any, out: str, bed: TestBed | None = None) -> int:
     if bed is not None and bed.identity() is not None:
         sched.meta["model_identity"] = bed.identity()
         sched.meta["model_sigma_range"] = list(bed.model.sigma_range)
+        sched.meta["guidance"] = bed.guidance
     path = sched.save(out)
     print(sched.summary())
     print(f"wrote {path}")
@@ -274,6 +322,46 @@ def _run_dp(args: argparse.Namespace) -> int:
     for nfe, sched in scheds.items():
         _finish(sched, args.out.replace("{nfe}", str(nfe)), bed)
     return 0
+
+
+def _names(text: str | None, allowed: Any, flag: str) -> list[str] | None:
+    """``--solvers``/``--methods``: a comma-separated subset of ``allowed`` (None: all)."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in allowed]
+    if bad or not names:
+        raise ValueError(f"{flag} must be a comma-separated subset of {', '.join(allowed)}, got {text!r}")
+    return names
+
+
+def _run_auto(args: argparse.Namespace) -> int:
+    from fastgen.core.solvers import SOLVERS
+    from fastgen.io.paths import check_output_path
+    from fastgen.samplers.auto import METHODS, auto_schedule
+    from fastgen.samplers.ld3 import LD3Options
+
+    solvers = _names(args.solvers, list(SOLVERS), "--solvers")
+    methods = _names(args.methods, METHODS, "--methods")
+    for flag, v in (("--nfe", args.nfe), ("--num-noise", args.num_noise), ("--held-out", args.held_out),
+                    ("--ld3-iterations", args.ld3_iterations)):
+        if v < (2 if flag in ("--num-noise", "--held-out") else 1):
+            raise ValueError(f"{flag} must be >= {2 if flag in ('--num-noise', '--held-out') else 1}, got {v}")
+    check_output_path(args.out, "--out")
+    bed = _bed(args)
+    g = torch.Generator().manual_seed(args.seed)
+    noise, labels = bed.noise(args.num_noise, g)
+    held, held_labels = bed.noise(args.held_out, g)
+    lo, hi = _range(args, bed)
+    best = auto_schedule(bed.denoiser, args.nfe, noise, held, solvers=solvers, methods=methods,
+                         sigma_min=lo, sigma_max=hi, dp_options={"grid_size": args.grid_size},
+                         ld3_options=LD3Options(iterations=args.ld3_iterations), generator=g,
+                         model_id=bed.name, held_out_cond={**bed.cond(args.held_out), **_cond(held_labels)},
+                         **bed.cond(args.num_noise), **_cond(labels))
+    info = best.meta["auto"]
+    for solver, method, err in info["ranking"][:5]:
+        print(f"  {solver:>9} {method:<10} held-out RMSE {err:.5f}")
+    return _finish(best, args.out, bed)
 
 
 def _run_show(args: argparse.Namespace) -> int:

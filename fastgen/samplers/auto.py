@@ -20,7 +20,7 @@ from fastgen.core.ode import reference_solve
 from fastgen.core.schedules import karras, loglinear
 from fastgen.core.solvers import SOLVERS, steps_for_nfe
 from fastgen.samplers.dp import dp_schedules
-from fastgen.samplers.ld3 import LD3Options, learn_ld3
+from fastgen.samplers.ld3 import LD3Options, ld3_steps, learn_ld3
 from fastgen.samplers.optim_common import resolve_sigma_range
 from fastgen.samplers.schedule import Schedule, endpoint_rmse
 
@@ -44,9 +44,11 @@ def _candidates(denoiser, solver, nfe, noise, lo, hi, methods, dp_options, ld3_o
                           **(dp_options or {}), **cond)[nfe]
         if "dp" in methods:
             out.append(dp)
-    if "ld3" in methods and solver != "heun" and steps >= 2:  # heun: LD3's nfe // 2 steps differ from DP's
+    if "ld3" in methods and ld3_steps(solver, nfe) >= 2:
         opts = ld3_options or LD3Options()
-        out.append(learn_ld3(denoiser, noise, solver=solver, nfe=nfe, options=opts, init=dp, sigma_min=lo,
+        # from the DP schedule where the step counts agree (Heun at an odd NFE: LD3 has nfe // 2 steps)
+        init = dp if dp is not None and dp.steps == ld3_steps(solver, nfe) else opts.init
+        out.append(learn_ld3(denoiser, noise, solver=solver, nfe=nfe, options=opts, init=init, sigma_min=lo,
                              sigma_max=hi, generator=generator, progress=False, **cond))
     return out
 
@@ -65,6 +67,7 @@ def auto_schedule(
     ld3_options: LD3Options | None = None,
     generator: torch.Generator | None = None,
     model_id: str | None = None,
+    held_out_cond: dict[str, Any] | None = None,
     **cond: Any,
 ) -> Schedule:
     """The best (solver, schedule) for ``denoiser`` at ``nfe`` calls by held-out trajectory error.
@@ -74,12 +77,15 @@ def auto_schedule(
         held_out: (H, ...) other unit noises; every candidate is scored by the endpoint RMSE of its
             solver from ``held_out * sigma_max`` to the exact ODE endpoint (adaptive reference solve).
         solvers: names from :data:`fastgen.core.solvers.SOLVERS` (default: all).
-        methods: subset of :data:`METHODS`; "ld3" starts from the DP schedule (slow; not for Heun).
+        methods: subset of :data:`METHODS`; "ld3" starts from the DP schedule where the step counts
+            agree (LD3 gives Heun ``nfe // 2`` steps), else from ``ld3_options.init``.
         dp_options: keyword arguments for :func:`fastgen.samplers.dp.dp_schedules` (e.g. ``grid_size``).
-        cond: conditioning for every denoiser call (per-sample tensors must match ``noise``; use
-            unconditional or shared conditioning for held-out scoring).
+        cond: conditioning of the fitting calls (per-sample tensors match ``noise``, e.g. ``class_labels``).
+        held_out_cond: conditioning of the held-out scoring calls (per-sample tensors match
+            ``held_out``); default ``cond`` (right for unconditional or shared conditioning).
     Returns the winner; ``meta["auto"]`` holds ``ranking`` (``[solver, method, error]`` best first),
-    ``runner_up_margin`` (second-best error / best; inf if only one candidate) and
+    ``runner_up`` (``[solver, method]`` of the second) and ``runner_up_margin`` (its error / the best;
+    inf if only one candidate) and
     ``margins`` (per other solver: its best error / the winner's).
     """
     t0 = time.perf_counter()
@@ -92,13 +98,14 @@ def auto_schedule(
         if not isinstance(t, torch.Tensor) or t.ndim < 2 or t.shape[0] < 2:
             raise ValueError(f"{name} must be a tensor of shape (N, ...) with N >= 2")
     lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
+    hcond = cond if held_out_cond is None else held_out_cond
     with torch.no_grad():
-        reference = reference_solve(denoiser, held_out * hi, hi, 0.0, **cond)
+        reference = reference_solve(denoiser, held_out * hi, hi, 0.0, **hcond)
     scored = []
     for solver in solvers:
         for cand in _candidates(denoiser, solver, nfe, noise, lo, hi, methods, dp_options, ld3_options,
                                 generator, cond):
-            scored.append((endpoint_rmse(denoiser, cand, held_out, reference, **cond), solver, cand))
+            scored.append((endpoint_rmse(denoiser, cand, held_out, reference, **hcond), solver, cand))
     scored.sort(key=lambda item: item[0])
     best_err, best_solver, best = scored[0]
     per_solver: dict[str, float] = {}
@@ -109,6 +116,7 @@ def auto_schedule(
     best.meta = {**best.meta, "auto": {
         "held_out_error": best_err,
         "ranking": [[s, c.method, e] for e, s, c in scored],
+        "runner_up": [scored[1][1], scored[1][2].method] if len(scored) > 1 else None,
         "runner_up_margin": scored[1][0] / tiny if len(scored) > 1 else float("inf"),
         "margins": {s: e / tiny for s, e in per_solver.items() if s != best_solver},
         "held_out": int(held_out.shape[0]), "fit_noises": int(noise.shape[0]),
