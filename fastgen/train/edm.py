@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fastgen.core.denoiser import EDMDenoiser
+from fastgen.train.input_perturbation import check_ip, ip_noise, perturb_edm
 from fastgen.train.method import SingleNetworkMethod, register_method
 
 __all__ = ["EDMMethod", "edm_loss", "drop_labels"]
@@ -67,6 +68,8 @@ class EDMMethod(SingleNetworkMethod):
         p_mean, p_std: log-normal sigma distribution of training noise levels.
         label_dropout: probability of replacing a label by the null label ``num_classes``.
         num_classes: number of classes (defaults to ``net.num_classes``; 0 = unconditional, labels ignored).
+        input_perturbation: DDPM-IP gamma (0 = off; 0.1 in the paper), see :mod:`fastgen.train.input_perturbation`.
+        ip_target: ``"eps"`` (faithful DDPM-IP) or ``"x0"`` (noise-level relabelling).
     """
 
     def __init__(
@@ -77,11 +80,14 @@ class EDMMethod(SingleNetworkMethod):
         p_std: float = 1.2,
         label_dropout: float = 0.1,
         num_classes: int | None = None,
+        input_perturbation: float = 0.0,
+        ip_target: str = "eps",
     ) -> None:
         if not 0 <= label_dropout <= 1:
             raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
         if p_std <= 0:
             raise ValueError(f"p_std must be > 0, got {p_std}")
+        self.input_perturbation, self.ip_target = check_ip(input_perturbation, ip_target)
         self.net = net
         self.denoiser = EDMDenoiser(net, sigma_data=sigma_data)
         self.p_mean = float(p_mean)
@@ -108,6 +114,8 @@ class EDMMethod(SingleNetworkMethod):
             cond["class_labels"] = drop_labels(
                 None if labels is None else labels.to(dev), self.label_dropout, self.num_classes, generator
             )
+        if self.input_perturbation > 0:  # DDPM-IP: perturbed input, same target (separate random stream)
+            x0, noise = perturb_edm(x0, noise, sigma, ip_noise(x0, self.input_perturbation, generator), self.ip_target)
         loss = edm_loss(self.denoiser, x0, sigma, noise, **cond)
         self.last_logs = {}
         return {"main": loss}

@@ -20,6 +20,7 @@ from torch import nn
 
 from fastgen.core.denoiser import RectifiedFlowDenoiser
 from fastgen.train.edm import drop_labels
+from fastgen.train.input_perturbation import check_ip, ip_noise, perturb_flow
 from fastgen.train.method import SingleNetworkMethod, register_method
 
 __all__ = ["FlowMatchingMethod", "flow_matching_loss"]
@@ -50,6 +51,8 @@ class FlowMatchingMethod(SingleNetworkMethod):
         t_mean, t_std: logit-normal parameters.
         label_dropout: probability of the null label ``num_classes``.
         num_classes: defaults to ``net.num_classes`` (0 = unconditional).
+        input_perturbation: DDPM-IP gamma (0 = off), see :mod:`fastgen.train.input_perturbation`.
+        ip_target: ``"eps"`` (faithful: target ``x1 - x0`` with the unperturbed noise) or ``"x0"``.
     """
 
     def __init__(
@@ -60,7 +63,10 @@ class FlowMatchingMethod(SingleNetworkMethod):
         t_std: float = 1.0,
         label_dropout: float = 0.1,
         num_classes: int | None = None,
+        input_perturbation: float = 0.0,
+        ip_target: str = "eps",
     ) -> None:
+        self.input_perturbation, self.ip_target = check_ip(input_perturbation, ip_target)
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {t_sampling!r}")
         if not 0 <= label_dropout <= 1:
@@ -93,6 +99,8 @@ class FlowMatchingMethod(SingleNetworkMethod):
             cond["class_labels"] = drop_labels(
                 None if labels is None else labels.to(dev), self.label_dropout, self.num_classes, generator
             )
+        if self.input_perturbation > 0:  # DDPM-IP: perturbed input, same target (separate random stream)
+            x1, x0 = perturb_flow(x1, x0, t, ip_noise(x0, self.input_perturbation, generator), self.ip_target)
         self.last_logs = {}
         return {"main": flow_matching_loss(self.net, x1, x0, t, **cond)}
 
