@@ -29,6 +29,7 @@ from fastgen.train.config import config_from_dict
 cfg = config_from_dict(json.loads(sys.argv[1]))
 tr = Trainer(cfg)
 print(f"RANK {tr.rank} OF {tr.world}", flush=True)
+print("PREPARED", sorted({type(m).__name__ for m in tr.prepared.values()}), flush=True)
 tr.train()
 if tr.acc.is_main_process:
     from safetensors.torch import save_file
@@ -58,6 +59,16 @@ def _fdistill_cfg(out: Path) -> dict:
     return base
 
 
+def _fdistill_features_cfg(out: Path) -> dict:
+    """Heads on the trainable fake score's features (DDP module run 2-3 times per backward), critics on
+    student steps too, and 2 micro-batches per process (``no_sync`` accumulation)."""
+    base = _fdistill_cfg(out)
+    base.update(steps=8, micro_batches=4)
+    base["method"].update(placement="fake_score", feature_layers=["net.blocks.0"], critic_on_student_steps=True,
+                          r1_weight=0.1)
+    return base
+
+
 def _run(tmp_path: Path, cfg: dict, procs: int) -> tuple[list[dict], dict[str, torch.Tensor], str]:
     from safetensors.torch import load_file
 
@@ -84,6 +95,7 @@ def _compare(tmp_path: Path, make_cfg, loss: str) -> float:
     assert "RANK 0 OF 1" in o1
     assert "RANK 0 OF 2" in o2 and "RANK 1 OF 2" in o2  # two processes really ran
     assert {r["world_size"] for r in l1} == {1} and {r["world_size"] for r in l2} == {2}
+    assert "DistributedDataParallel" in o2 and "DistributedDataParallel" not in o1  # prepared by accelerate
     c1, c2 = [r[loss] for r in l1 if loss in r], [r[loss] for r in l2 if loss in r]
     assert len(c1) == len(c2) > 2 and c1[0] != c1[-1]
     assert c1 == pytest.approx(c2, rel=1e-5, abs=1e-6)
@@ -102,6 +114,7 @@ def test_two_processes_match_one_edm(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_fdistill(tmp_path):
-    worst = _compare(tmp_path, _fdistill_cfg, "loss/critic")
+@pytest.mark.parametrize("make_cfg", [_fdistill_cfg, _fdistill_features_cfg], ids=["input-heads", "fake-score-heads"])
+def test_two_processes_match_one_fdistill(tmp_path, make_cfg):
+    worst = _compare(tmp_path, make_cfg, "loss/critic")
     print(f"fdistill: max |w2 - w1| = {worst:.3g}")

@@ -94,7 +94,9 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 256
     micro_batches: int | None = None
-    mixed_precision: str = "no"  # no | bf16
+    mixed_precision: str = "no"  # no | fp16 (loss scaling) | bf16 (accelerate's names)
+    gradient_checkpointing: bool = False  # recompute activations in backward (Diffusers models, fastgen nets)
+    frozen_sharding: str = "replicate"  # frozen networks (teachers) under FSDP: replicate | shard
     cpu: bool = False  # force CPU even where a GPU exists
     num_threads: int | None = None  # torch.set_num_threads per process (None: leave as is)
     log_every: int = 50
@@ -116,7 +118,8 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, ">= 1"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
-            ("mixed_precision", self.mixed_precision in ("no", "bf16"), "'no' or 'bf16'"),
+            ("mixed_precision", self.mixed_precision in ("no", "fp16", "bf16"), "'no', 'fp16' or 'bf16'"),
+            ("frozen_sharding", self.frozen_sharding in ("replicate", "shard"), "'replicate' or 'shard'"),
             ("ema.decay", 0 <= self.ema.decay < 1, "in [0, 1)"),
             ("ema.every", self.ema.every >= 1, ">= 1"),
             ("optim.lr", self.optim.lr > 0, "> 0"),

@@ -24,7 +24,12 @@ mixed precision, gradient accumulation, EMA, checkpoints and logging.
   ``device=generator.device`` and move the result (``torch.randn(shape, generator=g,
   device=g.device).to(x.device)``). The global torch seed is set from the same triple before each call.
   Drawing all randomness this way is what makes resumed and multi-process runs exact.
-- The trainer runs ``step`` under ``torch.autocast`` when ``mixed_precision: bf16``.
+- The trainer runs ``step`` under ``torch.autocast`` when ``mixed_precision`` is ``fp16`` or ``bf16``.
+- During ``step`` the trainer points the method's references to its networks (attributes of the method, or
+  children of modules it holds, such as ``EDMDenoiser.net``) at their ``accelerator.prepare``-d (DDP/FSDP)
+  wrappers, and restores the plain modules afterwards; so a method just calls its networks. Each returned
+  loss is backpropagated into its own optimizer's parameters only: gradients a loss would send into
+  another optimizer's networks (e.g. a generator loss through the critic) are not computed.
 - Registry: a config's ``method: {name: ...}`` names a method registered with :func:`register_method`
   (resolved by :func:`build_method`); nothing is imported by module path.
 """

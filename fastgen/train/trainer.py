@@ -2,10 +2,12 @@
 
 What the trainer owns (the method owns networks and losses, see :mod:`fastgen.train.method`):
 
-- **Devices and processes** through ``accelerate.Accelerator`` (``accelerate launch --num_processes N``,
-  ``--cpu`` for gloo). Gradients are averaged across processes with one all-reduce per optimizer step
-  (mathematically DDP; the method keeps calling its own un-wrapped modules, so methods with several
-  losses and networks need no DDP plumbing). FSDP sharding is not supported.
+- **Devices and processes** through ``accelerate.Accelerator``, as its authors intend: every trainable
+  network goes through ``accelerator.prepare`` together with its optimizer (DDP when several processes
+  run; FSDP when the accelerate config selects it, see docs/training.md), and the method's forward passes
+  run through the prepared networks (:class:`~fastgen.train.accel.NetworkSlots`), so DDP averages the
+  gradients. Frozen networks (teachers) are replicated on every device, or sharded by FSDP with
+  ``frozen_sharding: shard``.
 - **Batches:** ``cfg.batch_size`` rows per optimizer step (global), drawn without replacement from an
   epoch permutation seeded by ``(seed, epoch)``; the data position is ``step * batch_size`` rows. The global
   batch is split into ``micro_batches`` contiguous shards (default one per process) that the processes
@@ -14,7 +16,11 @@ What the trainer owns (the method owns networks and losses, see :mod:`fastgen.tr
   (passed to ``method.step``) and the global torch seed is set from the same triple, so neither the
   process count nor a resume changes any random number.
 - **Optimisation:** AdamW per optimizer group, linear lr warm-up, global-norm gradient clipping,
-  mixed precision (``bf16`` autocast), EMA (:mod:`fastgen.train.ema`) of ``method.ema_networks()``.
+  mixed precision (``mixed_precision: fp16`` with loss scaling, or ``bf16``; autocast around
+  ``method.step``), optional gradient checkpointing, EMA (:mod:`fastgen.train.ema`) of the plain
+  (unwrapped) ``method.ema_networks()``. Each loss is backpropagated into its own optimizer's
+  parameters only (``backward(inputs=...)``), divided by the number of this process's micro-batches;
+  DDP's average over processes then gives the mean over all ``micro_batches`` shards.
 - **Safety:** a non-finite loss or gradient, or a loss / pre-clip gradient norm beyond
   ``optim.explode_bound`` (default 1e8), stops the run *before* the optimizer step with
   :class:`TrainingDiverged` naming the step, the loss and the step's sigma range and the last good
@@ -27,6 +33,7 @@ What the trainer owns (the method owns networks and losses, see :mod:`fastgen.tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -38,6 +45,14 @@ import torch
 from torch import nn
 
 from fastgen.io import checkpoint as ckpt
+from fastgen.train.accel import (
+    NetworkSlots,
+    autocast,
+    enable_gradient_checkpointing,
+    full_tensor,
+    grad_norm,
+    make_scaler,
+)
 from fastgen.train.batches import build_dataset, global_indices, shard_seed
 from fastgen.train.config import TrainConfig, save_config
 from fastgen.train.ema import make_ema
@@ -73,8 +88,9 @@ class Trainer(CheckpointMixin):
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(int(cfg.num_threads))
-        # autocast is applied by the trainer itself (torch.autocast), so Accelerators with different
-        # precisions can coexist in one process (accelerate's state is a process-wide singleton)
+        # autocast and the fp16 loss scaler are applied by the trainer (accel.autocast / make_scaler), so
+        # trainers of different precisions coexist in one process (accelerate's state is a process-wide
+        # singleton); an accelerator built with a precision must agree with the config (see _prepare)
         self.acc = accelerator or Accelerator(cpu=cfg.cpu)
         self.device = self.acc.device
         self.world = self.acc.num_processes
@@ -125,9 +141,13 @@ class Trainer(CheckpointMixin):
         unknown_groups = sorted(set(cfg.optim.groups) - set(groups))
         if unknown_groups:
             raise ValueError(f"optim.groups names unknown optimizers {unknown_groups}; have {sorted(groups)}")
+        if cfg.gradient_checkpointing:
+            for n, m in nets.items():
+                enable_gradient_checkpointing(n, m)
         self.ema = {
             n: make_ema(nets[n], cfg.ema.decay, cfg.ema.warmup) for n in self.method.ema_networks()
         }
+        self._prepare(nets)
         self.step = 0
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -150,6 +170,35 @@ class Trainer(CheckpointMixin):
             self.method.sample_sigma = recorded
         except AttributeError:  # a method that forbids attributes: reports go without the sigma range
             pass
+
+    def _prepare(self, nets: dict[str, nn.Module]) -> None:
+        """Every trainable network with its optimizer through ``accelerator.prepare``; frozen networks
+        replicated or (``frozen_sharding: shard``, FSDP only) prepared for sharding; the loss scaler."""
+        acc, cfg = self.acc, self.cfg
+        own = getattr(acc, "mixed_precision", "no")
+        if own != "no" and own != cfg.mixed_precision:
+            raise ValueError(
+                f"mixed_precision: the config says {cfg.mixed_precision!r} but the accelerator was built with "
+                f"{own!r} (accelerate config or --mixed_precision); set them to the same value"
+            )
+        fsdp = str(getattr(acc, "distributed_type", "")).endswith("FSDP")
+        if cfg.frozen_sharding == "shard" and not fsdp:
+            raise ValueError("frozen_sharding: 'shard' needs FSDP (launch with an FSDP accelerate config); "
+                             "use 'replicate' otherwise")
+        names, onames = list(nets), list(self.optimizers)
+        prepared = acc.prepare(*[nets[n] for n in names], *[self.optimizers[o] for o in onames])
+        prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
+        self.prepared = dict(zip(names, prepared[: len(names)]))
+        self.networks = {n: acc.unwrap_model(m) for n, m in self.prepared.items()}
+        self.optimizers = dict(zip(onames, prepared[len(names):]))
+        # FSDP swaps the optimizers' parameters for sharded ones: read them back
+        self.opt_params = {o: [p for g in opt.param_groups for p in g["params"]] for o, opt in self.optimizers.items()}
+        frozen = dict(self.method.frozen())
+        if cfg.frozen_sharding == "shard":
+            for m in frozen.values():
+                acc.prepare_model(m, evaluation_mode=True)
+        self._slots = NetworkSlots(self.method, {n: (self.networks[n], self.prepared[n]) for n in names})
+        self.scaler = make_scaler(acc, cfg.mixed_precision)
 
     # ------------------------------------------------------------------------------------------
     def _optim_settings(self, name: str) -> dict[str, Any]:
@@ -183,11 +232,6 @@ class Trainer(CheckpointMixin):
     def _all_params(self) -> list[nn.Parameter]:
         return [p for m in self.networks.values() for p in m.parameters()]
 
-    def _reduce_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        return flat
-
     def _diverged(self, what: str, step: int) -> TrainingDiverged:
         where = str(self.last_checkpoint) if self.last_checkpoint else "none (none written yet)"
         sig = ""
@@ -200,11 +244,11 @@ class Trainer(CheckpointMixin):
             self.last_checkpoint,
         )
 
-    def _forward_backward(self, step: int, rows: torch.Tensor, params: list[nn.Parameter]):
-        """Run this process's micro-batches: per-loss gradients summed into a stash (not yet averaged)."""
+    def _forward_backward(self, step: int, rows: torch.Tensor):
+        """Run this process's micro-batches; each loss is backpropagated (scaled by ``1 / accum``, and by
+        the fp16 loss scale) into its optimizer's parameters, DDP synchronising on the last micro-batch."""
         cfg = self.cfg
         shard_size = cfg.batch_size // self.micro
-        stash: dict[str, list[torch.Tensor | None]] = {}
         loss_sum: dict[str, torch.Tensor] = {}
         extra: dict[str, float] = {}
         order: list[str] = []
@@ -215,51 +259,35 @@ class Trainer(CheckpointMixin):
             seed = shard_seed(cfg.seed, step, shard)
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-                losses = self.method.step(batch, step, gen)
-            if not losses:
-                raise ValueError(f"method.step returned no losses at step {step}")
-            for name in losses:
-                if name not in self.optimizers:
-                    raise ValueError(
-                        f"method.step returned loss {name!r}; optimizers are {list(self.optimizers)}"
-                    )
-                if name not in order:
-                    order.append(name)
-            for k, v in getattr(self.method, "last_logs", {}).items():
-                extra[k] = extra.get(k, 0.0) + float(v) / self.accum
-            items = list(losses.items())
-            for li, (name, loss) in enumerate(items):
-                for p in params:
-                    p.grad = None
-                loss_sum[name] = loss_sum.get(name, 0.0) + loss.detach().float()
-                if torch.isfinite(loss) and loss.requires_grad:
+            with contextlib.ExitStack() as stack:
+                if j < self.accum - 1:  # accumulate locally; the last micro-batch's backward syncs
+                    for m in self.prepared.values():
+                        stack.enter_context(self.acc.no_sync(m))
+                with self._slots.bound(), autocast(self.device, cfg.mixed_precision):
+                    losses = self.method.step(batch, step, gen)
+                if not losses:
+                    raise ValueError(f"method.step returned no losses at step {step}")
+                for name in losses:
+                    if name not in self.optimizers:
+                        raise ValueError(
+                            f"method.step returned loss {name!r}; optimizers are {list(self.optimizers)}"
+                        )
+                    if name not in order:
+                        order.append(name)
+                for k, v in getattr(self.method, "last_logs", {}).items():
+                    extra[k] = extra.get(k, 0.0) + float(v) / self.accum
+                items = list(losses.items())
+                for li, (name, loss) in enumerate(items):
+                    loss_sum[name] = loss_sum.get(name, 0.0) + loss.detach().float()
+                    if not loss.requires_grad:
+                        continue
+                    if self.accum > 1:
+                        loss = loss / self.accum
+                    if self.scaler is not None:
+                        loss = self.scaler.scale(loss)
                     # losses may share one forward pass: keep the graph for the later ones
-                    loss.backward(retain_graph=li < len(items) - 1)
-                grads = stash.setdefault(name, [None] * len(self.opt_params[name]))
-                for i, p in enumerate(self.opt_params[name]):
-                    if p.grad is not None:
-                        grads[i] = p.grad.detach().clone() if grads[i] is None else grads[i] + p.grad
-        for p in params:
-            p.grad = None
-        return order, loss_sum, stash, extra
-
-    def _averaged_grads(self, name: str, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """The gradients of optimizer ``name`` averaged over all micro-batches of all processes."""
-        ps = self.opt_params[name]
-        if self.world == 1:
-            return [None if g is None else g / self.micro for g in grads]
-        mask = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=self.device)
-        self._reduce_sum(mask)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, ps)])
-        self._reduce_sum(flat)
-        out: list[torch.Tensor | None] = []
-        off = 0
-        for i, p in enumerate(ps):
-            n = p.numel()
-            out.append(flat[off : off + n].view_as(p) / self.micro if mask[i] > 0 else None)
-            off += n
-        return out
+                    loss.backward(inputs=self.opt_params[name], retain_graph=li < len(items) - 1)
+        return order, loss_sum, extra
 
     def _check_health(self, step: int, names: list[str], lvec: torch.Tensor, norms: dict[str, float]) -> None:
         """Stop (before any weight changes) on a non-finite loss or gradient or one beyond ``explode_bound``."""
@@ -287,41 +315,53 @@ class Trainer(CheckpointMixin):
         """One optimizer step (all micro-batches of this process); returns the logged scalars.
 
         Nothing changes (weights, optimizer state, EMA) when a loss or gradient is non-finite or
-        beyond ``optim.explode_bound``: :class:`TrainingDiverged` is raised instead.
+        beyond ``optim.explode_bound``: :class:`TrainingDiverged` is raised instead. Under fp16 a
+        non-finite gradient is an overflow of the loss scale: the step is skipped and the scale lowered
+        (``skipped`` in the logs); it is a divergence only once the scale has fallen below 1.
         """
         cfg, step = self.cfg, self.step
         self._sigma_seen = []
         rows = global_indices(self.n_data, cfg.seed, step, cfg.batch_size)
-        names, loss_sum, stash, extra = self._forward_backward(step, rows, self._all_params())
-        lvec = self._reduce_sum(torch.stack([loss_sum[n] for n in names]).to(self.device)) / self.micro
+        for p in self._all_params():
+            p.grad = None
+        names, loss_sum, extra = self._forward_backward(step, rows)
+        lvec = self.acc.reduce(torch.stack([loss_sum[n] for n in names]).to(self.device), "sum") / self.micro
         logs = {f"loss/{n}": float(lvec[i]) for i, n in enumerate(names)}
-        avg = {n: self._averaged_grads(n, stash[n]) for n in names}
-        norms = {}
-        for n in names:
-            gs = [g for g in avg[n] if g is not None]
-            norms[n] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs])))\
-                if gs else 0.0
-        self._check_health(step, names, lvec, norms)
+        if self.scaler is not None:
+            for n in names:
+                self.scaler.unscale_(getattr(self.optimizers[n], "optimizer", self.optimizers[n]))
+        totals = {n: grad_norm(self.opt_params[n]) for n in names}
+        norms = {n: 0.0 if t is None else float(full_tensor(t)) for n, t in totals.items()}
+        overflow = self.scaler is not None and not all(math.isfinite(v) for v in norms.values())
+        if overflow and self.scaler.get_scale() < 1.0:
+            overflow = False  # the scale cannot help any more: report the non-finite gradient
+        self._check_health(step, names, lvec, {n: (0.0 if overflow else v) for n, v in norms.items()})
         end_step = getattr(self.method, "end_step", None)
         if callable(end_step):  # cross-shard method state (f-distill's ratio bins), once per step
             end_step()
         for name in names:
             ps = self.opt_params[name]
             o = self._optim_settings(name)
-            for g, p in zip(avg[name], ps):
-                p.grad = g
-            if o["grad_clip"] is not None:
+            if o["grad_clip"] is not None and not overflow:
                 # the pre-clip norm is already known from the health check: clip with it, don't recompute it
                 torch.nn.utils.clip_grads_with_norm_([p for p in ps if p.grad is not None], float(o["grad_clip"]),
-                                                     torch.tensor(norms[name]))
+                                                     totals[name] if totals[name] is not None else torch.tensor(0.0))
                 logs[f"grad_norm/{name}"] = norms[name]
             lr = self.lr_at(name, step)
-            for g in self.optimizers[name].param_groups:
+            opt = self.optimizers[name]
+            for g in opt.param_groups:
                 g["lr"] = lr
             logs[f"lr/{name}"] = lr
-            self.optimizers[name].step()
-            for p in ps:
-                p.grad = None
+            if self.scaler is not None:
+                self.scaler.step(getattr(opt, "optimizer", opt))  # skipped on overflow
+            else:
+                opt.step()
+        if self.scaler is not None:
+            self.scaler.update()  # once per step, after every optimizer (accelerate's per-optimizer update
+            logs["loss_scale"] = float(self.scaler.get_scale())  # would re-unscale the later ones)
+            logs["skipped"] = float(overflow)
+        for p in self._all_params():
+            p.grad = None
         if (step + 1) % cfg.ema.every == 0:
             for n, e in self.ema.items():
                 e.update_parameters(self.networks[n])

@@ -38,9 +38,10 @@ class CheckpointMixin:
             tensors = self.state_tensors()
             optim_meta = {}
             for name, opt in self.optimizers.items():
-                ot, meta = ckpt.optimizer_to_flat(opt, f"optim/{name}")
+                ot, meta = ckpt.optimizer_to_flat(getattr(opt, "optimizer", opt), f"optim/{name}")
                 tensors.update(ot)
                 optim_meta[name] = meta
+            tensors.update(self._scaler_tensors())
             state = {
                 "data": {"rows_consumed": self.step * self.cfg.batch_size, "n_data": self.n_data},
                 "optim": optim_meta,
@@ -52,6 +53,23 @@ class CheckpointMixin:
         self.acc.wait_for_everyone()
         self.last_checkpoint = self.ckpt_root / ckpt.checkpoint_dir_name(self.step)
         return path
+
+    def _scaler_tensors(self) -> dict[str, torch.Tensor]:
+        """The fp16 loss scaler's state (scale and growth tracker), for exact resume; empty without one."""
+        sc = getattr(self, "scaler", None)
+        if sc is None or not sc.is_enabled():
+            return {}
+        sd = sc.state_dict()
+        return {"scaler/scale": torch.tensor(float(sd["scale"]), dtype=torch.float64),
+                "scaler/growth_tracker": torch.tensor(int(sd["_growth_tracker"]), dtype=torch.int64)}
+
+    def _load_scaler(self, tensors: dict[str, torch.Tensor]) -> None:
+        sc = getattr(self, "scaler", None)
+        if sc is None or "scaler/scale" not in tensors:
+            return
+        sd = sc.state_dict()
+        sd.update(scale=float(tensors["scaler/scale"]), _growth_tracker=int(tensors["scaler/growth_tracker"]))
+        sc.load_state_dict(sd)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore networks, EMA, optimizers, method state and the data position from ``path``."""
@@ -67,7 +85,9 @@ class CheckpointMixin:
                 e.load_state_dict(part(f"ema/{n}."))
             self.method.load_state_dict({k: v.to(self.device) for k, v in part("method/").items()})
             for name, opt in self.optimizers.items():
-                ckpt.optimizer_from_flat(opt, tensors, state["optim"][name], f"optim/{name}")
+                ckpt.optimizer_from_flat(getattr(opt, "optimizer", opt), tensors, state["optim"][name],
+                                         f"optim/{name}")
+            self._load_scaler(tensors)
         except (RuntimeError, KeyError) as err:
             raise ValueError(
                 f"checkpoint {str(path)!r} does not fit this run's method/networks: {err}"
