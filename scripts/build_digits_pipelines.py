@@ -20,6 +20,9 @@ Usage::
     OMP_NUM_THREADS=1 .venv/bin/python scripts/build_digits_pipelines.py --only sd
     OMP_NUM_THREADS=1 .venv/bin/python scripts/build_digits_pipelines.py --only sd3
     .venv/bin/python scripts/build_digits_pipelines.py --quick --out /tmp/p   # seconds, for tests
+    # continue training a built pipeline's denoiser (VAE, tokenizers and text encoders are kept as they are):
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/build_digits_pipelines.py --only sd3 --resume-from \
+        fastgen/models/weights/pipelines/digits-sd3 --sd3-steps 6000 --lr 3e-4 --out /tmp/sd3-ft
 
 Each run trains the VAE from the same seed, so equal ``--vae-steps`` give identical VAE weights in both folders
 (the cards record the steps used).
@@ -424,7 +427,12 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=100, help="samples per class for the card's numbers")
     p.add_argument("--train-minutes", type=float, default=None, help="stop each denoiser's training after this")
     p.add_argument("--quick", action="store_true", help="tiny step counts (tests); numbers are meaningless")
+    p.add_argument("--resume-from", default=None,
+                   help="a built pipeline folder (with build_info.json): keep its VAE, tokenizers and text "
+                        "encoders and continue training its denoiser (--only must name one kind)")
     args = p.parse_args(argv)
+    if args.resume_from is not None and args.only == "both":
+        p.error("--resume-from continues one pipeline: give --only sd or --only sd3")
     if args.quick:
         args.vae_steps, args.sd_steps, args.sd3_steps, args.batch = 5, 3, 3, 8
         args.eval_n, args.eval_steps = 1, 2
@@ -432,10 +440,47 @@ def parse_args(argv=None):
     return args
 
 
+def resume(args, t_start: float) -> dict:
+    """Continue training the denoiser of ``args.resume_from``; the card lists the earlier commands too."""
+    from diffusers import DiffusionPipeline
+
+    src = Path(args.resume_from)
+    if not (src / "build_info.json").is_file():
+        raise FileNotFoundError(f"--resume-from {src}: no build_info.json (not a folder built by this script)")
+    prev = json.loads((src / "build_info.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32)
+    kind = args.only
+    steps = args.sd_steps if kind == "sd" else args.sd3_steps
+    limit = None if args.train_minutes is None else 60 * args.train_minutes
+    train = train_denoiser(pipe, kind, steps, args.seed + 100, args.batch, args.lr, args.ema, max_seconds=limit)
+    folder = Path(args.out) / src.name
+    if folder.resolve() == src.resolve():
+        raise ValueError(f"--out {args.out}: would overwrite --resume-from {src}; write elsewhere and compare")
+    save(pipe, folder, src / "tokenizer")
+    ev = evaluate(folder, kind, args.eval_n, args.eval_steps, args.cfg, args.seed)
+    keep = ("vae_steps", "vae_test_mse", "mean_image_mse", "latent_mean", "latent_std", "scaling_factor",
+            "vocab_size", "words", "max_len", "floor", "shift")
+    history = prev.get("history", [{k: prev[k] for k in ("command", "steps", "lr", "train_seconds") if k in prev}])
+    history.append({"command": args.command, "steps": train["steps"], "lr": args.lr,
+                    "train_seconds": train["train_seconds"]})
+    train["steps"] = sum(h["steps"] for h in history)
+    train["planned_steps"] = train["steps"]
+    train["train_seconds"] = sum(h["train_seconds"] for h in history)
+    info = {**{k: prev[k] for k in keep}, **train, **ev, "seed": args.seed, "history": history,
+            "command": " ; then ".join(h["command"] for h in history), "scheduler_name": ev["scheduler"],
+            "total_seconds": time.time() - t_start,
+            "folder_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())}
+    write_card(folder, kind, info)
+    log(f"wrote {folder} ({info['folder_bytes'] / 1e6:.2f} MB)")
+    return info
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     t_start = time.time()
     log(f"command: {args.command}")
+    if args.resume_from is not None:
+        return [resume(args, t_start)]
     with tempfile.TemporaryDirectory() as work:
         clip_tok, t5_tok, tok_src = build_tokenizers(Path(work))
         vae, vae_stats = train_vae(args.vae_steps, args.seed)

@@ -70,3 +70,40 @@ def test_schedule_refuses_students_and_prompts_that_do_not_apply(folders, tmp_pa
     assert _schedule("ld3", "--model", str(folders["ddpm"]), "--prompt", "x", "--nfe", "3", "--solver", "euler",
                      "--out", str(tmp_path / "b.json")) == 2
     assert "do not apply" in capsys.readouterr().err
+
+
+def test_guidance_makes_the_bed_the_cfg_ode_of_the_pipeline(folders):
+    """`--guidance w` learns the schedule for D_u + w (D_c - D_u): the bed's denoiser equals that closed form
+    with the empty prompt (or --negative-prompt) as the unconditional branch, computed once and broadcast."""
+    from fastgen.commands.schedule import load_testbed
+
+    m = load_model(folders["sd"])
+    bed = load_testbed(str(folders["sd"]), prompts=["a cat", "a dog"], guidance=2.5, negative_prompt="a dog")
+    assert bed.guidance == 2.5
+    cond = bed.cond(4)
+    x = torch.randn(4, *bed.shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor(3.0)
+    c, u = m.condition(4, prompts=["a cat", "a dog"], negative_prompt="a dog", guidance=2.5)
+    with torch.no_grad():
+        d_c, d_u = m.denoiser(x, sigma, **c), m.denoiser(x, sigma, **u)
+        got = bed.denoiser(x, sigma, **cond)
+    want = d_u + 2.5 * (d_c - d_u)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Rows 1 and 3 prompt "a dog", the negative prompt itself: guidance changes nothing there.
+    assert torch.allclose(got[1::2], d_c[1::2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0::2], d_c[0::2], rtol=1e-3, atol=1e-4)
+
+
+def test_guidance_is_recorded_and_refused_where_it_does_not_apply(folders, tmp_path, capsys):
+    out = tmp_path / "dp.json"
+    assert _schedule("dp", "--model", str(folders["sd"]), "--prompt", "a cat", "--guidance", "1.5",
+                     "--solver", "euler", "--nfe", "3", "--num-noise", "4", "--grid-size", "6",
+                     "--out", str(out)) == 0
+    assert json.loads(out.read_text())["meta"]["guidance"] == 1.5
+    capsys.readouterr()
+    rc = _schedule("dp", "--model", str(folders["ddpm"]), "--guidance", "2", "--solver", "euler", "--nfe", "3",
+                   "--out", str(tmp_path / "u.json"))
+    assert rc == 2 and "guidance" in capsys.readouterr().err
+    rc = _schedule("dp", "--model", str(folders["sd"]), "--prompt", "a cat", "--negative-prompt", "a dog",
+                   "--solver", "euler", "--nfe", "3", "--out", str(tmp_path / "n.json"))
+    assert rc == 2 and "--negative-prompt needs --guidance" in capsys.readouterr().err

@@ -61,7 +61,8 @@ class CFGDenoiser(nn.Module):
         w: guidance scale >= 0 (DiT convention; 1 = conditional model, one pass).
         uncond: keyword overrides for the unconditional pass, merged over the caller's ``cond``.
             Default ``{"class_labels": None}`` (fastgen's unconditional convention). A tensor value
-            of shape () is expanded to the batch (e.g. a null class index).
+            of shape () or with a leading batch dimension of 1 is expanded to the batch (e.g. a null
+            class index, or the embeddings of one negative prompt for every sample).
     """
 
     def __init__(self, denoiser: DenoiserFn, w: float, uncond: Mapping[str, Any] | None = None) -> None:
@@ -75,6 +76,8 @@ class CFGDenoiser(nn.Module):
         for k, v in self.uncond.items():
             if isinstance(v, torch.Tensor) and v.ndim == 0:
                 v = v.to(x.device).expand(x.shape[0])
+            elif isinstance(v, torch.Tensor) and v.shape[0] == 1 and x.shape[0] != 1:
+                v = v.to(x.device).expand(x.shape[0], *v.shape[1:])
             out[k] = v
         return out
 
