@@ -45,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval must be 0 (off) or >= 2 samples, got {args.eval}")
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(resolve_config(args.config, "distill"), overrides)
-    if cfg.method.get("name") != "fdistill":
-        raise ValueError(f"method.name must be 'fdistill' for fastgen distill, got {cfg.method.get('name')!r}")
+    if cfg.method.get("name") not in ("fdistill", "uni_instruct"):
+        raise ValueError("method.name must be 'fdistill' or 'uni_instruct' for fastgen distill, "
+                         f"got {cfg.method.get('name')!r}")
     import time
 
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from fastgen.distill.teacher import build_teacher
 __all__ = ["from_config"]
 
 
-def from_config(cfg: Any) -> FDistill:
+def from_config(cfg: Any, method_cls: type | None = None, config_cls: type | None = None) -> FDistill:
     """Build :class:`FDistill` from a :class:`fastgen.train.config.TrainConfig`.
 
     ``cfg.method`` holds ``name: fdistill``, ``teacher`` (see :func:`fastgen.distill.teacher.build_teacher`), optional
@@ -44,7 +44,7 @@ def from_config(cfg: Any) -> FDistill:
         v = getattr(teacher, key, None)
         if key not in kw and v is not None:
             kw[key] = float(v)
-    fcfg = FDistillConfig.from_dict(kw)
+    fcfg = (config_cls or FDistillConfig).from_dict(kw)  # method_cls/config_cls: subclasses (Uni-Instruct)
     s_sigma = fcfg.student_sigma if fcfg.student_sigma is not None else fcfg.sigma_max
     student = fake = None
     if not any(True for _ in teacher.parameters()):
@@ -54,7 +54,9 @@ def from_config(cfg: Any) -> FDistill:
         student_net = EDMDenoiser(build_network(kind, **net_kw), sigma_data=fcfg.sigma_data)
         student = OneStepStudent(student_net, s_sigma, recipe)
         fake = EDMDenoiser(build_network(kind, **net_kw), sigma_data=fcfg.sigma_data)
-    method = FDistill(teacher, fcfg, student=student, fake_score=fake, class_conditional=class_conditional)
+    method = (method_cls or FDistill)(
+        teacher, fcfg, student=student, fake_score=fake, class_conditional=class_conditional
+    )
     if method.student.recipe is None:
         method.student.recipe = recipe
     return method
