@@ -259,8 +259,9 @@ def _guided(model: LoadedModel, spec: SampleSpec, den: Any, uncond: dict[str, An
 
 def _build_runner(model: LoadedModel, spec: SampleSpec, sampler: str, gen: torch.Generator, device: str):
     """``run(noise, cond, uncond) -> (x, calls per sample)`` for the chosen sampler."""
-    if sampler == "student":
-        return lambda noise, cond, uncond: (model.generator(noise, cond), 1)
+    if sampler == "student":  # one-step students: 1 call; few-step students (SFD, BOSS) say how many
+        calls = int(getattr(model.generator, "nfe", 1))
+        return lambda noise, cond, uncond: (model.generator(noise, cond), calls)
     if sampler == "shortcut":
         from fastgen.samplers.shortcut import check_num_steps, shortcut_sample
 

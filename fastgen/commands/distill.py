@@ -1,6 +1,9 @@
-"""``fastgen distill NAME|CONFIG [--set key=value ...]``: distill a one-step student with f-distill.
+"""``fastgen distill NAME|CONFIG [--set key=value ...]``: distill a student (f-distill, SFD, BOSS).
 
-The config is a training config (``fastgen/configs/distill/*.yaml``) whose ``method.name`` is ``fdistill``.
+The config is a training config (``fastgen/configs/distill/*.yaml``) whose ``method.name`` is one of
+:data:`DISTILL_METHODS`: ``fdistill`` (one-step student), ``sfd`` (few-step SFD student, ``digits-sfd``) or
+``boss`` (BOSS-straightened model on its DP Euler schedule, ``digits-boss``); the few-step students sample
+through ``load_model`` / ``fastgen sample --model`` like one-step students.
 After training, the EMA student is written to ``<output_dir>/student.safetensors`` + ``student.json``
 (load with :func:`fastgen.distill.load_student` or wrap in :class:`fastgen.distill.OneStepPipeline`);
 ``--export NAME`` also writes it into the model zoo folder as ``NAME`` (``fastgen.models.load(NAME)``).
@@ -16,11 +19,15 @@ from pathlib import Path
 
 from fastgen.commands._configs import add_config_arguments, resolve_config
 
+#: Methods ``fastgen distill`` runs (f-distill; SFD and BOSS few-step students).
+DISTILL_METHODS = ("fdistill", "uni_instruct", "sfd", "boss")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "distill",
-        help="distill a one-step student (f-distill / DMD2) from a shipped config NAME or a YAML path",
+        help="distill a student (f-distill / DMD2 one-step, SFD few-step, BOSS straightening) from a shipped "
+        "config NAME or a YAML path",
         description="Train a one-step student by f-divergence distribution matching with fastgen's trainer. "
         "Re-running resumes from the latest checkpoint in output_dir.",
     )
@@ -45,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval must be 0 (off) or >= 2 samples, got {args.eval}")
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(resolve_config(args.config, "distill"), overrides)
-    if cfg.method.get("name") not in ("fdistill", "uni_instruct"):
-        raise ValueError("method.name must be 'fdistill' or 'uni_instruct' for fastgen distill, "
+    if cfg.method.get("name") not in DISTILL_METHODS:
+        raise ValueError(f"method.name must be one of {DISTILL_METHODS} for fastgen distill, "
                          f"got {cfg.method.get('name')!r}")
     import time
 
@@ -58,15 +65,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     method: FDistill = trainer.method  # type: ignore[assignment]
     student = trainer.ema_network("student")
+    if hasattr(method, "generator"):  # SFD / BOSS: the trained denoiser sampled on its few-step grid
+        student = method.generator(student)
     meta = {
         "config": args.config,
         "overrides": list(args.overrides),
         "steps": trainer.step,
-        "divergence": method.config.divergence,
+        "method": cfg.method.get("name"),
+        "divergence": getattr(method.config, "divergence", None),
         "minutes_this_invocation": round(minutes, 2),
     }
     fd = None
-    if args.eval and cfg.data.name == "digits":
+    if args.eval and (cfg.data.name == "digits" or tuple(getattr(method.config, "sample_shape", ())) == (1, 8, 8)):
         fd = evaluate_digits(student, method, args.eval, seed=cfg.seed)
         meta["fd_digits_test"] = fd
     out = save_and_export(student, method, Path(cfg.output_dir) / "student", args.export, meta)
@@ -96,9 +106,14 @@ def save_and_export(student, method, path: Path, export: str | None, meta: dict)
     """Save the student next to the run and optionally into the zoo folder as ``export``."""
     from fastgen.distill.student import save_student
 
-    weights, _ = save_student(student, path, method.config.sample_shape, meta)
+    def write(target: Path, zoo: bool = False):
+        if hasattr(method, "save_student"):  # few-step students (SFD, BOSS) write their own grid; zoo: float16
+            return method.save_student(student, target, meta, half=zoo)
+        return save_student(student, target, method.config.sample_shape, meta)[0]
+
+    weights = write(path)
     if export:
         from fastgen.models.zoo import WEIGHTS_DIR
 
-        save_student(student, WEIGHTS_DIR / export, method.config.sample_shape, meta)
+        write(WEIGHTS_DIR / export, zoo=True)
     return weights

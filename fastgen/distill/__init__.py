@@ -8,13 +8,17 @@
 """
 
 from fastgen.distill import divergences
+from fastgen.distill.boss import from_config as _boss_from_config
 from fastgen.distill.build import from_config as _fdistill_from_config
 from fastgen.distill.fdistill import FDistill, FDistillConfig, dmd_gradient, pseudo_target_loss
+from fastgen.distill.sfd import from_config as _sfd_from_config
 from fastgen.distill.student import OneStepPipeline, OneStepStudent, load_student, save_student, toy_mlp
 from fastgen.distill.uni_instruct import from_config as _uni_instruct_from_config
 from fastgen.train.method import register_method
 
 register_method("fdistill", _fdistill_from_config)
+register_method("sfd", _sfd_from_config)  # SFD few-step students (fastgen.distill.sfd)
+register_method("boss", _boss_from_config)  # BOSS straightening (fastgen.distill.boss)
 register_method("uni_instruct", _uni_instruct_from_config)  # Uni-Instruct (fastgen.distill.uni_instruct)
 
 __all__ = [
