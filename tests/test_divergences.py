@@ -112,6 +112,29 @@ def test_ratio_bins_update_only_hit_bins_and_normalise():
     assert "means" in bins.state_dict()
 
 
+def test_linear_ratio_bins_are_fastgens_raw_sigma_bins():
+    from fastgen.core.schedules import karras
+
+    bins = RatioBins(0.002, 80.0, num_bins=10, space="linear")
+    # equal width 7.9998 in raw sigma: 8.0 is just past the first boundary, the geometric midpoint is in bin 0
+    assert bins.bin_index(torch.tensor([0.002, 7.99, 8.01, 40.0011, 79.99, 80.0])).tolist() == [0, 0, 1, 5, 9, 9]
+    assert bins.bin_index(torch.tensor([(0.002 * 80.0) ** 0.5])).tolist() == [0]
+    # f-distill's sigma draws (indices 2..998 of a 1000-point Karras grid): 64% land in FastGen's first bin,
+    # 1.9% in its last (the card's numbers); log bins hold 4.5%..18% each
+    grid = karras(1000, 0.002, 80.0)[:-1].flip(0)[2:999]
+    frac = torch.bincount(bins.bin_index(grid), minlength=10).double() / len(grid)
+    assert abs(float(frac[0]) - 0.64) < 0.005 and abs(float(frac[9]) - 0.019) < 0.001
+    frac_log = torch.bincount(RatioBins(0.002, 80.0, 10).bin_index(grid), minlength=10).double() / len(grid)
+    assert 0.04 < float(frac_log.min()) and float(frac_log.max()) < 0.19
+    with pytest.raises(ValueError, match="ratio_bin_space"):
+        RatioBins(0.002, 80.0, space="sqrt")
+    from fastgen.distill import FDistillConfig
+
+    with pytest.raises(ValueError, match="ratio_bin_space"):
+        FDistillConfig(sample_shape=(2,), placement="input", ratio_bin_space="sqrt")
+    assert FDistillConfig(sample_shape=(2,), placement="input", ratio_bin_space="linear").ratio_bin_space == "linear"
+
+
 def test_ratio_bins_rho0_gives_unit_bin_means():
     bins = RatioBins(0.01, 10.0, num_bins=4, rho=0.0)
     g = torch.Generator().manual_seed(0)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from fastgen.distill import divergences
+from fastgen.distill.ratio import BIN_SPACES
 
 __all__ = ["FDistillConfig", "PLACEMENTS", "FAKE_WEIGHTINGS"]
 
@@ -32,7 +33,8 @@ class FDistillConfig:
         critic_on_student_steps: also update the critics on student steps (DMD2) or not (FastGen).
         fake_score_weighting: ``"none"`` (x0-MSE, FastGen) or ``"edm"`` (1/sigma^2 + 1/sigma_data^2).
         sigma_data: data std for the EDM weighting and the (x_t, log sigma) head's input scaling.
-        ratio_bins, ratio_rho: per-time-bin ratio normalisation (bins in log sigma, EMA factor rho).
+        ratio_bins, ratio_rho: per-time-bin ratio normalisation (number of bins, EMA factor rho).
+        ratio_bin_space: ``"log"`` (equal-width bins in log sigma) or ``"linear"`` (in raw sigma, FastGen).
         logit_clamp, ratio_clip: clamps of the logit and of r.
         dmd_eps: added to DMD's per-sample normaliser ``mean |x - D_T|`` (0 = DMD2's official code).
         placement: where the discriminator reads features: ``"teacher"`` (frozen teacher, FastGen),
@@ -64,6 +66,7 @@ class FDistillConfig:
     sigma_data: float = 0.5
     ratio_bins: int = 10
     ratio_rho: float = 0.0
+    ratio_bin_space: str = "log"
     logit_clamp: float = 10.0
     ratio_clip: tuple[float, float] = (0.1, 20.0)
     dmd_eps: float = 1e-6
@@ -113,6 +116,8 @@ class FDistillConfig:
                 f"placement={self.placement!r} needs feature_layers (submodule names of the backbone); "
                 "use placement='input' for teachers without features"
             )
+        if self.ratio_bin_space not in BIN_SPACES:
+            raise ValueError(f"ratio_bin_space must be one of {BIN_SPACES}, got {self.ratio_bin_space!r}")
         if self.logit_clamp <= 0:
             raise ValueError(f"logit_clamp must be > 0, got {self.logit_clamp}")
         lo, hi = self.ratio_clip

@@ -106,7 +106,7 @@ class FDistill:
         self.student = _trainable(student, "student")
         self.fake_score = _trainable(fake_score, "fake_score")
         self.teacher = teacher.eval().requires_grad_(False)
-        self.bins = RatioBins(cfg.sigma_min, cfg.sigma_max, cfg.ratio_bins, cfg.ratio_rho)
+        self.bins = RatioBins(cfg.sigma_min, cfg.sigma_max, cfg.ratio_bins, cfg.ratio_rho, space=cfg.ratio_bin_space)
         grid = karras(cfg.t_grid, cfg.sigma_min, cfg.sigma_max)[:-1].flip(0).double()  # ascending
         self.t_sigmas = grid[cfg.t_index_lo : cfg.t_index_hi + 1].float()
         self.last_logs: dict[str, float] = {}

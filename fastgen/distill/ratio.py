@@ -63,20 +63,33 @@ def discriminator_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> to
     return F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
 
 
+#: Bin spaces of :class:`RatioBins`: equal width in ``log sigma`` (fastgen) or in raw ``sigma`` (FastGen).
+BIN_SPACES = ("log", "linear")
+
+
 class RatioBins(nn.Module):
-    """Per-time-bin ratio normaliser over ``num_bins`` equal-width bins in ``log sigma``.
+    """Per-time-bin ratio normaliser over ``num_bins`` equal-width bins in ``log sigma`` (``space="log"``)
+    or in raw ``sigma`` (``space="linear"``: NVIDIA FastGen's bins, where most Karras-grid draws fall in
+    the first bin).
 
     Args:
-        sigma_min, sigma_max: the range of diffusion sigmas the method samples (bins span its log).
+        sigma_min, sigma_max: the range of diffusion sigmas the method samples (bins span it).
         num_bins: number of bins (10 in FastGen).
         rho: EMA factor of the bin means (0 = use the current batch's bin mean; 0.5 on ImageNet-64).
         eps: added to the bin mean in the division.
+        space: ``"log"`` or ``"linear"`` (see :data:`BIN_SPACES`).
 
     The buffer ``means`` (num_bins,) starts at 1 and is saved in ``state_dict()``.
     """
 
     def __init__(
-        self, sigma_min: float, sigma_max: float, num_bins: int = 10, rho: float = 0.0, eps: float = 1e-6
+        self,
+        sigma_min: float,
+        sigma_max: float,
+        num_bins: int = 10,
+        rho: float = 0.0,
+        eps: float = 1e-6,
+        space: str = "log",
     ) -> None:
         super().__init__()
         if not (0 < sigma_min < sigma_max):
@@ -85,6 +98,10 @@ class RatioBins(nn.Module):
             raise ValueError(f"ratio_bins must be >= 1, got {num_bins}")
         if not (0.0 <= rho < 1.0):
             raise ValueError(f"ratio_rho must be in [0, 1), got {rho}")
+        if space not in BIN_SPACES:
+            raise ValueError(f"ratio_bin_space must be one of {BIN_SPACES}, got {space!r}")
+        self.space = space
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.log_min = math.log(sigma_min)
         self.log_max = math.log(sigma_max)
         self.num_bins = int(num_bins)
@@ -94,7 +111,10 @@ class RatioBins(nn.Module):
 
     def bin_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """Bin index (long, same shape) of each sigma; out-of-range sigmas go to the end bins."""
-        u = (sigma.detach().double().log() - self.log_min) / (self.log_max - self.log_min)
+        if self.space == "linear":
+            u = (sigma.detach().double() - self.sigma_min) / (self.sigma_max - self.sigma_min)
+        else:
+            u = (sigma.detach().double().log() - self.log_min) / (self.log_max - self.log_min)
         return (u * self.num_bins).floor().long().clamp(0, self.num_bins - 1)
 
     def _stats(self, r: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
