@@ -562,3 +562,41 @@ def test_knots_schedule_terminal_conventions():
     assert keep.plan_sigmas.tolist() == pytest.approx(knots)
     with pytest.raises(ValueError, match="terminal"):
         FastgenScheduler(schedule=knots, terminal="drop")
+
+
+def test_schedule_outside_the_model_range_is_refused(sd_config, tmp_path):
+    """A schedule made for another range (EDM's 80 -> 0.002) is refused inside an SD config (table 0.029..14.6)
+    with both ranges named; the override runs it; an in-range schedule (JSON too) is accepted. The scheduler's
+    range is the same one load_model records for a pipeline (one home: fastgen.core.ranges)."""
+    from fastgen.core.ranges import scheduler_sigma_range
+    from fastgen.core.schedules import FLOW_SIGMA_MAX, karras
+
+    lo, hi = FastgenScheduler.from_config(sd_config).model_sigma_range()
+    acp = DDPMScheduler.from_config(sd_config).alphas_cumprod.double()
+    assert lo == pytest.approx(float(((1 - acp[0]) / acp[0]).sqrt()), rel=1e-6)
+    assert hi == pytest.approx(float(((1 - acp[-1]) / acp[-1]).sqrt()), rel=1e-6)
+    assert (lo, hi) == scheduler_sigma_range(sd_config)
+    edm = karras(6, 0.002, 80.0).tolist()
+    refused = r"\[0\.002, 80\].*model's sigma range \[0\.0291.*, 14\.6.*allow_schedule_range"
+    with pytest.raises(ValueError, match=refused):
+        FastgenScheduler.from_config(sd_config, solver="euler", schedule=edm)
+    FastgenScheduler.from_config(sd_config, solver="euler", schedule=edm, allow_schedule_range=True)
+    inside = karras(6, lo, hi).tolist()
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"sigmas": inside, "solver": "euler"}))
+    assert FastgenScheduler.from_config(sd_config, schedule=str(path)).config.schedule == inside
+    # Flow: the shifted grid's range; dynamic shifting admits any shift in [base_shift, max_shift].
+    flow_cfg = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    f_lo, f_hi = FastgenScheduler.from_config(flow_cfg).model_sigma_range()
+    assert (f_lo, f_hi) == scheduler_sigma_range(flow_cfg)
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(1000)  # Diffusers' own grid at num_train_timesteps steps (its smallest t is shifted twice)
+    t_lo = float(ref.sigmas[ref.sigmas > 0].min())
+    assert f_lo == pytest.approx(t_lo / (1 - t_lo), rel=1e-6)
+    assert f_hi == FLOW_SIGMA_MAX  # t = 1 (pure noise), VE-capped
+    with pytest.raises(ValueError, match="does not fit"):
+        FastgenScheduler.from_config(flow_cfg, schedule=karras(4, f_lo / 2, 100.0).tolist())
+    dyn = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15).config
+    d_lo, d_hi = FastgenScheduler.from_config(dyn).model_sigma_range()
+    assert d_hi == pytest.approx(scheduler_sigma_range(dyn, mu=1.15)[1], rel=1e-12)
+    assert d_lo == pytest.approx(scheduler_sigma_range(dyn, mu=0.5)[0], rel=1e-12)

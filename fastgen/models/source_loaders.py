@@ -216,7 +216,7 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
     from fastgen.core.denoiser import DiffusersFlowDenoiser, from_diffusers
-    from fastgen.core.schedules import diffusers_table, is_flow_config
+    from fastgen.core.ranges import scheduler_sigma_range
     from fastgen.models.flux import FluxUnpacked, flux_latent_shape
 
     if not (path / "model_index.json").is_file():
@@ -248,12 +248,7 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
         den, kw = from_diffusers(net, sched_cfg), {}
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         shape = (int(c.in_channels), int(size), int(size))
-    if is_flow_config(sched_cfg):
-        table = diffusers_table(sched_cfg, int(sched_cfg.get("num_train_timesteps", 1000)), **kw)
-        pos = table[table > 0]
-        lo, hi = float(pos.min()), float(pos.max())
-    else:
-        lo, hi = float(den.sigma_min), float(den.sigma_max)
+    lo, hi = scheduler_sigma_range(sched_cfg, **kw)
     text = getattr(pipe, "text_encoder", None) is not None
     n_cls = getattr(c, "num_class_embeds", None)
     loaded = LoadedModel(

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgen.core.ranges import check_schedule_fits  # noqa: F401  (re-exported: part of this module's API)
 from fastgen.models import zoo
 
 __all__ = ["LoadedModel", "load_model", "KINDS", "CONDITIONING", "MIXTURES", "PIPELINES_DIR",
@@ -170,27 +171,6 @@ class LoadedModel:
             return x.clamp(-1, 1)
         with torch.no_grad():
             return self.decoder(x).clamp(-1, 1)
-
-
-def check_schedule_fits(
-    schedule_range: tuple[float, float], model_range: tuple[float, float], allow: bool = False,
-    rtol: float = 1e-4,
-) -> None:
-    """Refuse a schedule whose positive sigmas ``[lo, hi]`` leave the model's ``[sigma_min, sigma_max]``.
-
-    ``ValueError`` naming both ranges unless ``allow`` (the expert override). ``rtol`` absorbs the
-    float32 rounding of sigmas stored in JSON.
-    """
-    lo, hi = float(schedule_range[0]), float(schedule_range[1])
-    mlo, mhi = float(model_range[0]), float(model_range[1])
-    if allow:
-        return
-    if hi > mhi * (1 + rtol) or lo < mlo * (1 - rtol):
-        raise ValueError(
-            f"schedule sigma range [{lo:.6g}, {hi:.6g}] does not fit the model's sigma range "
-            f"[{mlo:.6g}, {mhi:.6g}]; learn a schedule for this model or pass the override "
-            "(--allow-schedule-range) if you know what you are doing"
-        )
 
 
 def _labels(n: int, k: int, label: Any, device: str | torch.device) -> torch.Tensor:

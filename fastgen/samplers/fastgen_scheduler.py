@@ -23,6 +23,11 @@ timestep, its step to 0 is Euler). ``schedule``:
   ``save_pretrained`` is self-contained. A JSON solver that disagrees with an explicit ``solver``
   is a ``ValueError`` (a schedule learned for a solver is used with exactly that solver).
 
+A list or JSON schedule must fit the model's training sigma range (the extremes of the VP training table, or
+of the shifted flow grid at ``num_train_timesteps`` steps; any shift in ``[base_shift, max_shift]`` for
+dynamic shifting): one that leaves it (e.g. an EDM schedule at sigma_max 80 in an SD config, whose table ends
+at 14.6) is a ``ValueError`` naming both ranges; ``allow_schedule_range=True`` is the expert override.
+
 ``order`` is 2 for ``solver="heun"`` (as ``HeunDiscreteScheduler``), else 1.
 ``final_sigmas_type="sigma_min"`` (VP): the last step lands on sigma_min instead of 0.
 
@@ -40,9 +45,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from fastgen.core.ranges import check_schedule_fits, schedule_range, scheduler_sigma_range
 from fastgen.core.schedules import TERMINALS, apply_terminal, loglinear, resample, validate_sigmas
 from fastgen.core.solvers import SOLVERS
 from fastgen.samplers._scheduler_base import PlanSchedulerMixin
+from fastgen.samplers._scheduler_plan import FLOW_KEYS
 
 SCHEDULE_NAMES = ("karras", "loglinear", "default")
 # The solvers whose single steps the scheduler runs (``_SchedulerBase._advance``). UniPC's corrector needs the
@@ -107,6 +114,7 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
         schedule: str | list[float] = "karras",
         rho: float = 7.0,
         terminal: str = "replace",
+        allow_schedule_range: bool = False,
     ) -> None:
         if terminal not in TERMINALS:
             raise ValueError(f"terminal must be one of {TERMINALS}, got {terminal!r}")
@@ -135,6 +143,20 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
             )
         self.register_to_config(solver=solver)
         self._setup(uses_heun=solver == "heun")
+        if not isinstance(schedule, str):
+            check_schedule_fits(schedule_range(schedule), self.model_sigma_range(), allow_schedule_range,
+                                override="allow_schedule_range=True")
+
+    def model_sigma_range(self) -> tuple[float, float]:
+        """The VE ``(sigma_min, sigma_max)`` the configured model was trained on (module docstring)."""
+        cfg = self.config
+        if cfg.state_space != "flow":
+            return float(self._vp.sigma_min), float(self._vp.sigma_max)
+        flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", **{k: cfg[k] for k in FLOW_KEYS}}
+        if not cfg.use_dynamic_shifting:
+            return scheduler_sigma_range(flow)
+        ranges = [scheduler_sigma_range(flow, mu=m) for m in (cfg.base_shift, cfg.max_shift)]
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
     def _make_plan(self, grid: torch.Tensor | int, custom: bool) -> tuple[torch.Tensor, None, None, str]:
         cfg = self.config
