@@ -41,11 +41,15 @@ def machine_info() -> str:
     )
 
 
-def write_section(name: str, title: str, body: str) -> Path:
-    """Write ``benchmarks/results/<name>.md`` with a title, the machine line and ``body``."""
+def write_section(name: str, title: str, body: str, script: str | None = None) -> Path:
+    """Write ``benchmarks/results/<name>.md`` with a title, the machine line and ``body``.
+
+    ``script``: the benchmark's module name when it is not ``bench_<name>`` (one script, several sections).
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
-    text = f"## {title}\n\n_Machine: {machine_info()}_  \n_Script: `benchmarks/bench_{name}.py`_\n\n{body.strip()}\n"
+    script = script or f"bench_{name}"
+    text = f"## {title}\n\n_Machine: {machine_info()}_  \n_Script: `benchmarks/{script}.py`_\n\n{body.strip()}\n"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
