@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from fastgen.models.registry import build_network, register_network
@@ -195,6 +196,12 @@ class ResidualMLP(nn.Module):
         self.out = nn.Linear(width, in_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each residual block's activations in backward (``torch.utils.checkpoint``) while
+        training with gradients (the Diffusers method name)."""
+        self.gradient_checkpointing = True
 
     @property
     def num_classes(self) -> int:
@@ -213,8 +220,9 @@ class ResidualMLP(nn.Module):
             raise ValueError(f"x must have {self.in_dim} features per row, got shape {tuple(x.shape)}")
         emb = self.cond(t, x, class_labels, **scalars)
         h = self.inp(flat.float())
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, emb)
+            h = torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False) if ckpt else block(h, emb)
         return self.out(self.out_norm(h)).reshape(x.shape).to(x.dtype)
 
 

@@ -44,16 +44,19 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def make_scaler(accelerator: Any, precision: str) -> Any | None:
     """The loss scaler for ``fp16`` (None otherwise): the accelerator's own GradScaler when it made one
     (an accelerator built with ``mixed_precision="fp16"`` on a GPU), else accelerate's ``get_grad_scaler``
-    for the accelerator's distributed type (a ``torch.amp.GradScaler`` on the accelerator's device)."""
+    for the accelerator's distributed type (a ``torch.amp.GradScaler`` on the accelerator's device), with
+    the accelerator's ``GradScalerKwargs`` (``init_scale``, ``growth_interval``, ...) when it has them."""
     if precision != "fp16":
         return None
     if getattr(accelerator, "scaler", None) is not None:
         return accelerator.scaler
     from accelerate.utils import get_grad_scaler
 
+    handler = getattr(accelerator, "scaler_handler", None)
+    kwargs = handler.to_kwargs() if handler is not None else {}
     if accelerator.device.type == "cpu":
-        return torch.amp.GradScaler("cpu")
-    return get_grad_scaler(accelerator.distributed_type)
+        return torch.amp.GradScaler("cpu", **kwargs)
+    return get_grad_scaler(accelerator.distributed_type, **kwargs)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
