@@ -50,9 +50,10 @@ FLOW_DIFFUSERS = ("default", "default (Karras)", "DPMSolverMultistep", "UniPCMul
 ALL_DIFFUSERS = DIFFUSERS + FLOW_DIFFUSERS
 
 
-def learn_cli(model: str, out: Path, nfes: tuple[int, ...], quick: bool) -> dict[str, Path]:
-    """Run ``fastgen schedule ld3`` (NFE 6) and ``fastgen schedule dp`` (all ``nfes``) as a user would."""
-    prompts = [a for p in TRAIN_PROMPTS for a in ("--prompt", p)]
+def learn_cli(model: str, out: Path, nfes: tuple[int, ...], quick: bool, guidance: float = 1.0) -> dict[str, Path]:
+    """Run ``fastgen schedule ld3`` (NFE 6) and ``fastgen schedule dp`` (all ``nfes``) as a user would,
+    at the CFG scale the pipeline is sampled with (``--guidance``)."""
+    prompts = [a for p in TRAIN_PROMPTS for a in ("--prompt", p)] + ["--guidance", str(guidance)]
     exe = [sys.executable, "-m", "fastgen.cli"]
     extra_ld3 = ["--num-noise", "8", "--iterations", "3"] if quick else []
     extra_dp = ["--num-noise", "8", "--grid-size", "12"] if quick else []
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test; numbers not meaningful)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--per-class", type=int, default=50, help="held-out samples per class and seed (default 50)")
     p.add_argument("--schedules", default=None, help="folder with <model>_{ld3,dp}_<nfe>.json from the CLI "
                    "(default: learn them now through the CLI)")
     p.add_argument("--models", default="digits-sd", help="comma-separated pipeline sources (digits-sd3 is "
@@ -196,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     nfes = (4, 6, 8)
     seeds = (1001, 1002, 1003)
-    per_class = 2 if args.quick else 20
-    t_all = time.perf_counter()
+    per_class = 2 if args.quick else args.per_class
     body = [
         "Does a schedule learned for a shipped pipeline through the CLI beat the pipeline's own schedulers? "
         "fastgen: `fastgen schedule ld3 --model M --nfe 6` and `fastgen schedule dp --model M --nfe 4 6 8`, "
         "each with `--prompt \"a handwritten digit {zero..nine}\"` and the CLI's default training noises "
         "(seed 0; LD3: 100 noises, 150 iterations max, dopri5 teacher; DP: 128 trajectories, 40-interval grid), "
-        "solver dpmpp_2m, learned on the conditional model (the CLI has no guidance flag). Diffusers: the "
+        "solver dpmpp_2m, learned at the card's CFG scale (`--guidance`, so the schedule fits the guided ODE "
+        "that is sampled). Diffusers: the "
         "pipeline's default scheduler and DPMSolverMultistep (2M++), UniPC, Euler with and without Karras "
         "sigmas, each `from_config(pipe.scheduler.config)`, driven on the same guided denoiser with "
         "`run_scheduler` (one guided evaluation per step; NFE = guided evaluations for both sides). "
@@ -212,20 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         f"({per_class} per class), at the card's CFG scale. Error: RMSE of the final latent to the dopri5 "
         "reference ODE solution from the same noise (the default DDIM, with `leading` spacing, starts below "
         "sigma_max and so pays for a different start). FD_digits: decoded images vs the 899 test digits "
-        "(200 samples: FD carries a 1/N bias, compare within the table). Values: mean [95% t-interval] over "
-        "seeds. Flow pipelines (digits-sd3): the Diffusers side is the pipeline's own loop "
+        f"({10 * per_class} samples: FD carries a 1/N bias, compare within the table). Values: mean "
+        "[95% t-interval] over seeds. Flow pipelines (digits-sd3): the Diffusers side is the pipeline's own loop "
         "(`transformer` velocity, `scheduler.step`) with FlowMatchEuler (default, and with Karras sigmas) "
         "and DPMSolverMultistep / UniPC in flow mode (`use_flow_sigmas`, `prediction_type=flow_prediction`, "
         "the pipeline's shift); the pipeline is loaded fresh each run (it is under-trained and may be replaced).",
     ]
     for model in args.models.split(","):
+        t_model = time.perf_counter()
         if args.schedules:
             paths = find_schedules(model, Path(args.schedules))
         else:
             tmp = Path(tempfile.mkdtemp(prefix="fastgen-bench-"))
             t0 = time.perf_counter()
-            paths = learn_cli(model, tmp, nfes, args.quick)
-            print(f"[{model}] CLI schedules learned in {time.perf_counter() - t0:.0f}s", flush=True)
+            paths = learn_cli(model, tmp, nfes, args.quick, CARD_CFG.get(model, 1.0))
+            print(f"[{model}] CLI schedules learned in {time.perf_counter() - t0:.0f}s: {tmp}", flush=True)
         schedules = {k: Schedule.load(v) for k, v in paths.items()}
         m = load_model(model)
         w = CARD_CFG.get(model, 1.0)
@@ -242,15 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             f"on both metrics; means over all {len(seeds)} seeds, no seed selection): " +
             "; ".join(f"{k[0]}: {v[1]} ({'beats all' if v[0] else 'does not beat all'})"
                       for k, v in sorted(at6.items())) + ".")
-        body.append(f"### {model} (CFG {w}, schedules: {', '.join(sorted(paths))})\n\n{claim}\n\n{text}")
-    if "digits-sd3" not in args.models:
-        body.append("**digits-sd3 was not measured in this run**: its CLI schedule learning (DP over 128 "
-                    "teacher trajectories from flow sigma 1000, then LD3 with a dopri5 teacher) did not fit the "
-                    "benchmark's few-minute CPU budget (DP alone ran > 7 min on 2 shared cores and was stopped). "
-                    "The flow-pipeline path is implemented: `--models digits-sd3`.")
-    body.append(f"Total benchmark wall time: {time.perf_counter() - t_all:.0f} s ({args.threads} thread(s)).")
-    write_section("pipeline_schedules", "Schedules learned through the CLI vs a pipeline's own schedulers",
-                  "\n\n".join(body))
+        section = [*body, f"**{model}** (CFG {w}, schedules: {', '.join(sorted(paths))})\n\n{claim}\n\n{text}",
+                   f"Wall time for {model}: {time.perf_counter() - t_model:.0f} s ({args.threads} thread(s), "
+                   "a shared 2-core CPU)."]
+        write_section(f"pipeline_schedules_{model}",
+                      f"Schedules learned through the CLI vs {model}'s own schedulers", "\n\n".join(section),
+                      script="bench_pipeline_schedules")
     return 0
 
 

@@ -245,3 +245,17 @@ def test_unknown_sources_are_refused_by_name(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="a path must be a Diffusers pipeline folder"):
         load_model(tmp_path / "empty")
+
+
+def test_text_pipeline_without_transformers_names_the_extra(monkeypatch):
+    """The shipped text-to-image pipelines need `transformers` (the `pipelines` extra): without it the door says
+    which components need it and the pip command, instead of Diffusers' import error deep in from_pretrained."""
+    import importlib.util
+
+    from fastgen.models import load_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(ValueError, match=r"'text_encoder'.*'tokenizer'.*fastgen-diffusion\[pipelines\]"):
+        load_model("digits-sd")

@@ -209,6 +209,19 @@ class _Parts:
         pass
 
 
+def _require_transformers(path: Path, index: dict[str, Any]) -> None:
+    """A pipeline with transformers components (CLIP/T5 text encoders, tokenizers) needs that package: say
+    which extra installs it instead of Diffusers' generic import error."""
+    needs = sorted(k for k, v in index.items() if isinstance(v, list) and v and v[0] == "transformers")
+    if not needs:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"{str(path)!r}: its components {needs} need the `transformers` package; install "
+                         "it with: pip install \"fastgen-diffusion[pipelines]\"")
+
+
 def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
     """A local Diffusers pipeline folder: UNet2DModel (DDPM), SD-style UNet2DConditionModel + CLIP + VAE,
     SD3-style flow transformer, Flux (``FluxTransformer2DModel``; state: unpacked latents ``(C, H, W)``,
@@ -225,6 +238,7 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
         index = _read_json(path / "model_index.json")
         # Components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly.
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+        _require_transformers(path, index)
         try:
             # float32 weights (fp16 folders are upcast): fastgen's solvers run in the noise's float32/float64.
             pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
