@@ -4,7 +4,7 @@ See ``docs/training.md``. Methods implement :class:`fastgen.train.method.Method`
 :class:`fastgen.train.config.TrainConfig` (YAML in ``fastgen/configs/train/``).
 """
 
-from fastgen.train import edm, flow, gft, shortcut  # noqa: F401  (register their methods)
+from fastgen.train import edm, flow, gft, reflow, shortcut  # noqa: F401  (register their methods)
 from fastgen.train.config import DataConfig, EMAConfig, OptimConfig, TrainConfig, load_config
 from fastgen.train.method import Method, build_method, register_method
 from fastgen.train.trainer import Trainer, TrainingDiverged
