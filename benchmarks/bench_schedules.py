@@ -1,40 +1,59 @@
-"""Optimized schedules vs Karras / log-linear and vs Diffusers' multistep schedulers.
+"""The schedule gate: best fastgen schedule + solver, and AYS alone, vs the best Diffusers scheduler.
 
-For euler, heun, dpmpp_2m and ipndm at NFE 4, 6, 8, 10, on the digits teacher (``digits-edm``;
-fallback, clearly labelled: the empirical digits denoiser with bandwidth 0.25) and on the 8-mode
-ring mixture (exact denoiser): endpoint RMSE to the reference ODE solution (dopri5, rtol 1e-5) from
-the same noises, and FD_digits on the digits bed, for Karras (rho 7), log-linear, AYS-optimized, LD3
-and DP schedules; side by side with Diffusers' ``DPMSolverMultistepScheduler`` (Karras sigmas) and
-``UniPCMultistepScheduler`` at the same NFE, driven on the same denoiser (see :func:`run_diffusers`).
+Beds: the digits teacher ``digits-edm`` (class-conditional, uniform random classes; FD_digits), and two
+smooth beds the defaults were not tuned on: ``digits-empirical`` (exact denoiser of the 898 train
+digits, kernel width 0.25) and a 16-d random Gaussian mixture (6 modes, stds 0.2-0.6, seed 3). For NFE
+4, 6, 8, 10 and each seed:
 
-Heun with a final step to 0 uses 2 * steps - 1 calls, so an even budget runs (NFE + 1) // 2 steps and
-leaves one call unused (the "NFE used" is what counts). Run: ``python benchmarks/bench_schedules.py``
-(``--quick`` for a smoke run).
+- **fastgen best**: :func:`fastgen.samplers.auto.auto_schedule` over every fastgen solver x (Karras,
+  log-linear, DP, LD3 from DP), fitted on ``fit`` noises and *selected* on ``select`` noises; the
+  winner is then scored on separate ``eval`` noises (selection never sees them).
+- **AYS alone**: :func:`fastgen.samplers.ays.optimize_ays` for every solver (early stopping by ODE
+  error on the ``select`` noises); the solver whose AYS schedule has the best validation score there
+  is scored on the eval noises.
+- **Diffusers**: DPM-Solver++ 2M and 3M, UniPC (bh2), DEIS, Euler, each with and without Karras
+  sigmas, on a 1000-entry VP table log-linear in sigma over [0.002, 80] (``trained_betas``), the model
+  returning eps = (x - D)/sigma at the scheduler's own sigma; the best of the ten *on the eval noises*
+  (a selection in Diffusers' favour).
+
+Error = endpoint RMSE to the dopri5 reference (rtol 1e-5) from the same noises. Means over seeds with
+95% t-intervals. FD_digits at NFE 4 on 900 noises vs the converged teacher (the reference ODE
+samples of the same noises). Run: ``python benchmarks/bench_schedules.py`` (``--quick``: smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, markdown_table, write_section
-from fastgen.commands.schedule import TestBed, load_testbed
-from fastgen.core.ode import reference_solve
-from fastgen.core.schedules import karras, loglinear
-from fastgen.samplers.ays import for_solver, optimize_ays
-from fastgen.samplers.dp import dp_schedules
-from fastgen.samplers.ld3 import learn_ld3
-from fastgen.samplers.schedule import Schedule, steps_within_nfe
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SOLVERS = ("euler", "heun", "dpmpp_2m", "ipndm")
+from benchmarks.common import markdown_table, write_section  # noqa: E402
+from fastgen.commands.schedule import TestBed, load_testbed  # noqa: E402
+from fastgen.core.ode import reference_solve  # noqa: E402
+from fastgen.core.solvers import SOLVERS  # noqa: E402
+from fastgen.samplers.auto import auto_schedules  # noqa: E402
+from fastgen.samplers.ays import for_solver, ode_validator, optimize_ays  # noqa: E402
+from fastgen.samplers.ld3 import LD3Options  # noqa: E402
+
 NFES = (4, 6, 8, 10)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-SCHEDULES = ("karras", "loglinear", "ays", "ld3", "dp", "ld3-dp")
-DIFFUSERS = ("DPMSolverMultistep (Karras)", "UniPCMultistep")
+#: Diffusers scheduler configurations: name -> (class name, extra config).
+DIFFUSERS = {
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "DPM++ 3M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+}
+T95 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by dof
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,247 +72,232 @@ def vp_table_config(sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, 
             "beta_schedule": "linear"}
 
 
-def run_diffusers(name: str, den: Any, noise: torch.Tensor, nfe: int, cond: dict[str, Any]) -> torch.Tensor:
-    """Sample with a Diffusers multistep scheduler (``nfe`` model calls) on the VE denoiser ``den``.
+def run_diffusers(name: str, karras: bool, den: Any, noise: torch.Tensor, nfe: int, cond: dict[str, Any]
+                  ) -> torch.Tensor:
+    """Sample with a Diffusers scheduler (``nfe`` model calls) on the VE denoiser ``den``.
 
-    Mapping: the scheduler works on ``x_vp = x / sqrt(1 + sigma^2)``; at each step the "model" returns
-    ``eps = (x - D(x, sigma)) / sigma`` with ``sigma = scheduler.sigmas[step_index]``, i.e. the exact
-    sigma the scheduler's update assumes (so rounding of Karras sigmas to integer timesteps adds no
-    model mismatch). The start is ``noise * sigmas[0]`` in VE (sigmas[0] ~ 80), as for fastgen.
+    Multistep schedulers work on ``x_vp = x / sqrt(1 + sigma^2)``, Euler on the VE state; at each step
+    the "model" returns ``eps = (x - D(x, sigma)) / sigma`` with ``sigma = scheduler.sigmas[step_index]``,
+    the sigma the update assumes. The start is ``noise * sigmas[0]`` in VE (sigmas[0] = 80), as for
+    fastgen; the result is returned in VE units.
     """
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    import diffusers
 
-    cfg = vp_table_config()
-    if name.startswith("DPMSolver"):
-        sched = DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True, algorithm_type="dpmsolver++",
-                                                        solver_order=2)
-    else:
-        sched = UniPCMultistepScheduler.from_config(cfg)
+    cls_name, extra = DIFFUSERS[name]
+    cls = getattr(diffusers, cls_name)
+    sched = cls.from_config(vp_table_config(), use_karras_sigmas=karras, **extra)
     sched.set_timesteps(nfe)
     sig = sched.sigmas.double()
-    x_vp = (noise.double() * sig[0] / (1 + sig[0] ** 2).sqrt()).to(noise.dtype)
+    ve = cls_name == "EulerDiscreteScheduler"
+    x = noise.double() * sig[0]
+    sample = (x if ve else x / (1 + sig[0] ** 2).sqrt()).to(noise.dtype)
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
             s = sig[i]
-            x = x_vp * (1 + s**2).sqrt().to(noise.dtype)
-            d = den(x, s.to(noise.dtype), **cond)
-            eps = (x - d) / s.to(noise.dtype)
-            x_vp = sched.step(eps, t, x_vp).prev_sample
-    return x_vp  # sigma = 0: x_vp = x
+            if ve:
+                sched.scale_model_input(sample, t)  # marks the input as scaled (we pass x ourselves)
+            xv = sample if ve else sample * (1 + s**2).sqrt().to(noise.dtype)
+            eps = (xv - den(xv, s.to(noise.dtype), **cond)) / s.to(noise.dtype)
+            sample = sched.step(eps, t, sample).prev_sample
+    last = float(sig[-1])
+    return sample if ve else sample * math.sqrt(1 + last**2)
 
 
 # ----------------------------------------------------------------------------------------------
-# One test bed
+# Beds
 # ----------------------------------------------------------------------------------------------
 
 
-def _solve(den: Any, sched: Schedule | torch.Tensor, solver: str, noise: torch.Tensor, cond: dict[str, Any]
-           ) -> torch.Tensor:
-    if not isinstance(sched, Schedule):
-        sched = Schedule(sched, solver=solver)
-    with torch.no_grad():
-        return sched.sample(den, noise, solver=solver, **cond)
+def mixture_bed() -> TestBed:
+    """The 16-d random mixture (6 modes, stds 0.2-0.6, seed 3): smooth, exact, never tuned on."""
+    from fastgen.models import load_model
+
+    m = load_model("mixture:random", dim=16, num_modes=6, seed=3)
+    data, _ = m.info["mixture"].sample(4096, torch.Generator().manual_seed(0), dtype=torch.float64)
+    return TestBed("random16-mixture", m.denoiser, data, None, m.shape, None, torch.float64, m)
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
-def bench_bed(bed: TestBed, args: argparse.Namespace, fd: bool) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(0)
+def _cond(labels: torch.Tensor | None) -> dict[str, Any]:
+    return {} if labels is None else {"class_labels": labels}
+
+
+def bench_seed(bed: TestBed, seed: int, args: argparse.Namespace, fd: bool) -> dict[str, Any]:
+    """One seed on one bed: per NFE the fastgen best, AYS alone and every Diffusers config on eval noises."""
+    g = torch.Generator().manual_seed(1000 * seed + 17)
     den = bed.denoiser
-    noise, labels = bed.noise(args.eval_noise, torch.Generator().manual_seed(1234))
-    cond = {} if labels is None else {"class_labels": labels}
+    fit, fit_l = bed.noise(args.fit, g)
+    sel, sel_l = bed.noise(args.select, g)
+    ev, ev_l = bed.noise(args.eval, g)
+    ec = _cond(ev_l)
+    ref = reference_solve(den, ev * SIGMA_MAX, SIGMA_MAX, **ec)
+    out: dict[str, Any] = {"fastgen": {}, "ays": {}, "diffusers": {}, "seconds": {}}
     t0 = time.perf_counter()
-    ref = reference_solve(den, noise * SIGMA_MAX, SIGMA_MAX, **cond)
-    ref_s = time.perf_counter() - t0
-    print(f"[{bed.name}] reference ODE for {args.eval_noise} noises: {ref_s:.1f}s", flush=True)
-    fd_of = None
-    if fd:
-        from fastgen.metrics.digits import digits_fd
-
-        fd_of = digits_fd
-    rows: dict[tuple[str, str], dict[int, tuple[float, float | None, int]]] = {}
-    times: dict[tuple[str, str], list[float]] = {}
-
-    def record(solver: str, method: str, nfe: int, out: torch.Tensor, used: int, secs: float | None) -> None:
-        f = fd_of(out.float().clamp(-1, 1)) if fd_of is not None else None
-        rows.setdefault((solver, method), {})[nfe] = (_rmse(out, ref), f, used)
-        if secs is not None:
-            times.setdefault((solver, method), []).append(secs)
-
-    # shared LD3 teacher pairs and DP noises (different from the evaluation noises)
-    ld3_noise, ld3_labels = bed.noise(args.ld3_noise, torch.Generator().manual_seed(7))
-    ld3_cond = {} if ld3_labels is None else {"class_labels": ld3_labels}
-    t0 = time.perf_counter()
-    ld3_targets = reference_solve(den, ld3_noise * SIGMA_MAX, SIGMA_MAX, **ld3_cond)
-    teacher_s = time.perf_counter() - t0
-    dp_noise, dp_labels = bed.noise(args.dp_noise, torch.Generator().manual_seed(8))
-    t_bed = time.perf_counter()
-
-    for solver in SOLVERS:
-        t0 = time.perf_counter()
-        dps = dp_schedules(den, dp_noise, NFES, solver=solver, grid_size=args.grid_size, class_labels=dp_labels,
-                           progress=False, model_id=bed.name)
-        dp_s = time.perf_counter() - t0
-        for nfe in NFES:
-            steps = steps_within_nfe(solver, nfe)
-            base = {"karras": karras(steps, SIGMA_MIN, SIGMA_MAX), "loglinear": loglinear(steps, SIGMA_MIN, SIGMA_MAX)}
-            for name, sig in base.items():
-                s = Schedule(sig, solver=solver)
-                record(solver, name, nfe, _solve(den, s, solver, noise, cond), s.num_evals(), None)
+    bests = auto_schedules(den, NFES, fit, sel, methods=("karras", "loglinear", "dp", "ld3"),
+                           sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, dp_options={"grid_size": args.grid},
+                           ld3_options=LD3Options(iterations=args.ld3_iterations), generator=g,
+                           held_out_cond=_cond(sel_l), **_cond(fit_l))
+    out["seconds"]["auto"] = [time.perf_counter() - t0]
+    # AYS validates on the selection noises too (the same budget of unseen noises as auto's choice)
+    sel_ref = reference_solve(den, sel * SIGMA_MAX, SIGMA_MAX, **_cond(sel_l))
+    for nfe in NFES:
+        best = bests[nfe]
+        with torch.no_grad():
+            x = best.sample(den, ev, **ec)
+        info = best.meta["auto"]
+        out["fastgen"][nfe] = (_rmse(x, ref), f"{best.method} + {best.solver}", info["runner_up_margin"])
+        secs = info["optimization_seconds"]
+        out["seconds"].setdefault("ld3", []).extend(v for k, v in secs.items() if k.endswith("/ld3"))
+        ays = []
+        for solver in SOLVERS:
+            val = ode_validator(den, bed.shape, solver, nfe, args.select, SIGMA_MAX, None, noise=sel,
+                                reference=sel_ref, **_cond(sel_l))
             t0 = time.perf_counter()
             knots = optimize_ays(den, bed.data, iterations=args.ays_iterations, num_samples=args.ays_samples,
-                                 solver=solver, nfe=nfe, val_noise=args.ays_val, class_labels=bed.labels,
-                                 generator=g, progress=False, model_id=bed.name)
-            ays = for_solver(knots, solver, nfe)
-            record(solver, "ays", nfe, _solve(den, ays, solver, noise, cond), ays.num_evals(),
-                   time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            ld3 = learn_ld3(den, ld3_noise, solver=solver, nfe=nfe, targets=ld3_targets,
-                            iterations=args.ld3_iterations, class_labels=ld3_labels, generator=g, progress=False,
-                            model_id=bed.name)
-            record(solver, "ld3", nfe, _solve(den, ld3, solver, noise, cond), ld3.num_evals(),
-                   time.perf_counter() - t0)
-            record(solver, "dp", nfe, _solve(den, dps[nfe], solver, noise, cond), dps[nfe].num_evals(),
-                   dp_s / len(NFES))
-            t0 = time.perf_counter()
-            ld3dp = learn_ld3(den, ld3_noise, solver=solver, nfe=nfe, targets=ld3_targets, init=dps[nfe],
-                              iterations=args.ld3_iterations, class_labels=ld3_labels, generator=g,
-                              progress=False, model_id=bed.name)
-            record(solver, "ld3-dp", nfe, _solve(den, ld3dp, solver, noise, cond), ld3dp.num_evals(),
-                   time.perf_counter() - t0 + dp_s / len(NFES))
-        print(f"[{bed.name}] {solver} done ({time.perf_counter() - t_bed:.0f}s)", flush=True)
-    for name in DIFFUSERS:
-        for nfe in NFES:
-            record("diffusers", name, nfe, run_diffusers(name, den, noise, nfe, cond), nfe, None)
-    return {"rows": rows, "times": times, "ref_s": ref_s, "teacher_s": teacher_s}
+                                 solver=solver, nfe=nfe, validate=val, class_labels=bed.labels, generator=g,
+                                 progress=False)
+            out["seconds"].setdefault("ays", []).append(time.perf_counter() - t0)
+            score = [h["best_score"] for h in knots.meta["history"] if "best_score" in h][-1]
+            ays.append((score, solver, for_solver(knots, solver, nfe)))
+        _, solver, sched = min(ays, key=lambda a: a[0])
+        with torch.no_grad():
+            out["ays"][nfe] = (_rmse(sched.sample(den, ev, **ec), ref), solver)
+        for name in DIFFUSERS:
+            for karras in (False, True):
+                label = f"{name}{' Karras' if karras else ''}"
+                out["diffusers"].setdefault(nfe, {})[label] = _rmse(run_diffusers(name, karras, den, ev, nfe, ec), ref)
+        if fd and nfe == 4:
+            out["fd"] = _fd_at_4(bed, best, g)
+    return out
 
 
-def _tables(res: dict[str, Any], fd: bool) -> tuple[str, dict[str, float]]:
-    rows, times = res["rows"], res["times"]
-    keys = [(s, m) for s in SOLVERS for m in SCHEDULES] + [("diffusers", d) for d in DIFFUSERS]
-    head = ["solver", "schedule"] + [f"NFE {n}" for n in NFES]
-    rmse_rows, fd_rows = [], []
-    for k in keys:
-        cells = rows[k]
-        label = k[1] if k[0] != "diffusers" else f"**{k[1]}**"
-        rmse_rows.append([k[0], label] + [
-            f"{cells[n][0]:.4f}" + (f" ({cells[n][2]})" if cells[n][2] != n else "") for n in NFES])
-        if fd:
-            fd_rows.append([k[0], label] + [f"{cells[n][1]:.3f}" for n in NFES])
-    best_fg = min((rows[k][6][0], k) for k in keys if k[0] != "diffusers")
-    best_df = min((rows[k][6][0], k) for k in keys if k[0] == "diffusers")
-    text = "Endpoint RMSE to the reference ODE (lower is better; `(n)` = NFE actually used, Heun):\n\n"
-    text += markdown_table(head, rmse_rows)
-    if fd:
-        text += "\n\nFD_digits against the 899 held-out digits (same samples; lower is better):\n\n"
-        text += markdown_table(head, fd_rows)
-    tm = [[s, m, f"{sum(v) / len(v):.1f}", f"{max(v):.1f}"] for (s, m), v in times.items()]
-    text += ("\n\nOptimisation time per schedule (seconds; DP: one run for all four NFEs, divided by 4; "
-             "ld3-dp includes that DP share):\n\n")
-    text += markdown_table(["solver", "method", "mean s", "max s"], tm)
-    summary = {"best_fastgen": best_fg[0], "best_fastgen_name": f"{best_fg[1][1]} + {best_fg[1][0]}",
-               "best_diffusers": best_df[0], "best_diffusers_name": best_df[1][1]}
-    ratio = summary["best_fastgen"] / summary["best_diffusers"]
-    text += (f"\n\n**NFE 6:** best fastgen schedule+solver `{summary['best_fastgen_name']}` RMSE "
-             f"{summary['best_fastgen']:.4f} vs best Diffusers `{summary['best_diffusers_name']}` "
-             f"{summary['best_diffusers']:.4f}: ratio **{ratio:.3f}** (target <= 0.5).")
-    summary["ratio"] = ratio
-    return text, summary
+def _fd_at_4(bed: TestBed, best: Any, g: torch.Generator) -> tuple[float, float]:
+    """FD_digits of the NFE-4 winner and of the converged teacher (reference ODE) on the same 900 noises."""
+    from fastgen.metrics.digits import digits_fd
+
+    z, labels = bed.noise(900, g)
+    c = _cond(labels)
+    with torch.no_grad():
+        teacher = reference_solve(bed.denoiser, z * SIGMA_MAX, SIGMA_MAX, **c)
+        fast = best.sample(bed.denoiser, z, **c)
+    return digits_fd(fast.float().clamp(-1, 1)), digits_fd(teacher.float().clamp(-1, 1))
 
 
-def _plot(res: dict[str, Any], title: str, path: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharey=True)
-    for ax, solver in zip(axes, SOLVERS):
-        for m in SCHEDULES:
-            ax.plot(NFES, [res["rows"][(solver, m)][n][0] for n in NFES], marker="o", label=m)
-        for d in DIFFUSERS:
-            ax.plot(NFES, [res["rows"][("diffusers", d)][n][0] for n in NFES], ls="--", marker="x", label=d)
-        ax.set_yscale("log")
-        ax.set_title(solver)
-        ax.set_xlabel("NFE")
-    axes[0].set_ylabel("endpoint RMSE to reference ODE")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# ----------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------
 
 
-def ld3_timing(bed: TestBed) -> tuple[float, int, float, float]:
-    """LD3 with its defaults (100 noises, 150 iterations max, dopri5 teacher) for dpmpp_2m at NFE 6."""
-    noise, labels = bed.noise(100, torch.Generator().manual_seed(11))
-    t0 = time.perf_counter()
-    s = learn_ld3(bed.denoiser, noise, solver="dpmpp_2m", nfe=6, class_labels=labels,
-                  generator=torch.Generator().manual_seed(0), progress=False)
-    return time.perf_counter() - t0, s.meta["iterations"], s.meta["initial_validation"], s.objective
+def _ci(values: list[float]) -> tuple[float, float]:
+    """Mean and 95% t half-width (0 for one value)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _fmt(values: list[float]) -> str:
+    m, h = _ci(values)
+    return f"{m:.3f} ± {h:.3f}"
+
+
+def summarise(name: str, runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    rows, verdict = [], {"fastgen": {}, "ays": {}}
+    for nfe in NFES:
+        df_best = [min(r["diffusers"][nfe].values()) for r in runs]
+        df_names = [min(r["diffusers"][nfe], key=r["diffusers"][nfe].get) for r in runs]
+        fg = [r["fastgen"][nfe][0] for r in runs]
+        ay = [r["ays"][nfe][0] for r in runs]
+        ratio_fg = [a / b for a, b in zip(fg, df_best)]
+        ratio_ay = [a / b for a, b in zip(ay, df_best)]
+        verdict["fastgen"][nfe] = _ci(ratio_fg)
+        verdict["ays"][nfe] = _ci(ratio_ay)
+        rows.append([
+            str(nfe), _fmt(df_best), ", ".join(sorted(set(df_names))),
+            _fmt(fg), ", ".join(sorted({r["fastgen"][nfe][1] for r in runs})), f"**{_fmt(ratio_fg)}**",
+            _fmt(ay), ", ".join(sorted({r["ays"][nfe][1] for r in runs})), f"**{_fmt(ratio_ay)}**",
+        ])
+    head = ["NFE", "best Diffusers RMSE", "which", "fastgen best RMSE", "winner (selected)", "ratio (<= 0.4)",
+            "AYS RMSE", "AYS solver", "AYS ratio (<= 1.0)"]
+    text = markdown_table(head, rows)
+    dfall = []
+    for nfe in NFES:
+        labels = list(runs[0]["diffusers"][nfe])
+        dfall.append([str(nfe)] + [f"{statistics.fmean(r['diffusers'][nfe][k] for r in runs):.4f}" for k in labels])
+    text += "\n\nEvery Diffusers configuration (mean RMSE over seeds):\n\n"
+    text += markdown_table(["NFE"] + list(runs[0]["diffusers"][NFES[0]]), dfall)
+    sec = {k: [v for r in runs for v in r["seconds"].get(k, [])] for k in ("ays", "ld3", "auto")}
+    text += ("\n\nOptimisation time per schedule (s, mean / max over solvers, NFEs and seeds): "
+             + "; ".join(f"{k} {statistics.fmean(v):.2f} / {max(v):.2f}" for k, v in sec.items() if v)
+             + " (auto: the whole search for one NFE, every solver and method).")
+    verdict["seconds"] = {k: statistics.fmean(v) for k, v in sec.items() if v}
+    if "fd" in runs[0]:
+        fast = [r["fd"][0] for r in runs]
+        teach = [r["fd"][1] for r in runs]
+        rel = [a / b for a, b in zip(fast, teach)]
+        verdict["fd"] = _ci(rel)
+        text += (f"\n\nFD_digits at NFE 4 (900 noises): fastgen winner {_fmt(fast)}, converged teacher "
+                 f"(reference ODE, same noises) {_fmt(teach)}; ratio **{_fmt(rel)}** (target <= 1.10).")
+    return text, verdict
+
+
+def _claims(verdicts: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for bed, v in verdicts.items():
+        fg = [f"{n}: {v['fastgen'][n][0]:.2f}" for n in NFES]
+        ay = [f"{n}: {v['ays'][n][0]:.2f}" for n in NFES]
+        ok_fg = all(v["fastgen"][n][0] <= 0.4 for n in NFES)
+        ok_ay = all(v["ays"][n][0] <= 1.0 for n in NFES)
+        lines.append(f"- `{bed}`: fastgen best / best Diffusers (mean) {', '.join(fg)} -> "
+                     f"{'HOLDS' if ok_fg else 'DOES NOT HOLD'} (<= 0.4 at every NFE); AYS alone {', '.join(ay)} -> "
+                     f"{'HOLDS' if ok_ay else 'DOES NOT HOLD'} (<= 1.0)"
+                     + (f"; FD@4 / teacher {v['fd'][0]:.3f} -> {'HOLDS' if v['fd'][0] <= 1.1 else 'DOES NOT HOLD'}"
+                        if "fd" in v else "")
+                     + (f"; AYS {v['seconds']['ays']:.2f} s vs LD3 {v['seconds']['ld3']:.2f} s per schedule"
+                        if "ays" in v["seconds"] and "ld3" in v["seconds"] else ""))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test; numbers not meaningful)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--beds", default="digits,mixture", help="comma-separated: digits, mixture")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--beds", default="digits-edm,digits-empirical,random16-mixture")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     q = args.quick
-    args.eval_noise = 64 if q else 200
-    args.ld3_noise = 16 if q else 40
-    args.ld3_iterations = 5 if q else 30
-    args.dp_noise = 16 if q else 64
-    args.grid_size = 16 if q else 40
-    args.ays_iterations = 1 if q else 2
-    args.ays_samples = 16 if q else 24
-    args.ays_val = 8 if q else 24
+    args.fit, args.select, args.eval = (8, 8, 16) if q else (48, 64, 200)
+    args.grid, args.ld3_iterations = (12, 3) if q else (40, 40)
+    args.ays_iterations, args.ays_samples = (1, 8) if q else (2, 32)
+    seeds = 1 if q else args.seeds
     t_all = time.perf_counter()
-    try:
-        digits = load_testbed("digits-edm")
-        digits_label = "the digits teacher `digits-edm` (class-conditional, uniform random classes)"
-    except (ValueError, FileNotFoundError):
-        digits = load_testbed("digits-empirical")
-        digits_label = ("FALLBACK: the empirical digits denoiser with bandwidth 0.25 (the trained teacher "
-                        "was not available)")
-    body = [
-        "Schedules for euler / heun / dpmpp_2m / ipndm on sigma in [0.002, 80] (then 0). Error = endpoint "
-        "RMSE to the dopri5 reference (rtol 1e-5) from the same held-out noises. AYS: KLUB optimizer at the "
-        "solver's step count, early-stopped by ODE error on 24 validation noises; LD3: 40 noises (20 train / "
-        "20 validation, teacher = dopri5), 30 iterations; DP: 64 teacher trajectories on a 40-interval "
-        "Karras grid, `coeff=auto`; ld3-dp: LD3 initialised from the DP schedule (the paper's optional GITS "
-        "initialisation; its time includes the DP share). Diffusers schedulers run on a 1000-entry VP "
-        "table log-linear in sigma "
-        "over the same range (`trained_betas`), the model returning eps = (x - D)/sigma at the scheduler's "
-        "own sigma.",
-    ]
-    results = {}
-    beds = []
-    if "digits" in args.beds:
-        beds.append((digits, f"Digits: {digits_label}", True))
-    if "mixture" in args.beds:
-        beds.append((load_testbed("ring-mixture"), "Ring mixture (8 modes, exact denoiser)", False))
-    for bed, title, fd in beds:
-        res = bench_bed(bed, args, fd)
-        text, summary = _tables(res, fd)
-        results[bed.name] = summary
-        png = RESULTS / f"schedules_{bed.name}.png"
-        _plot(res, title, png)
-        body.append(f"### {title}\n\nReference ODE: {res['ref_s']:.1f} s for {args.eval_noise} noises; LD3 "
-                    f"teacher pairs: {res['teacher_s']:.1f} s (shared by all LD3 runs).\n\n{text}\n\n"
-                    f"![{bed.name}](schedules_{bed.name}.png)")
-    secs, iters, v0, v1 = ld3_timing(digits) if not q and "digits" in args.beds else (math.nan, 0, math.nan, math.nan)
-    body.append(
-        f"### LD3 with its defaults on {digits.name}\n\n`learn_ld3(denoiser, 100 noises, solver='dpmpp_2m', "
-        f"nfe=6)` (dopri5 teacher for 100 noises included, 150 iterations max, {args.threads} threads): "
-        f"**{secs:.1f} s** ({iters} iterations; validation RMSE {v0:.4f} -> {v1:.4f}). Target <= 180 s."
-    )
+    beds = {"digits-edm": lambda: load_testbed("digits-edm"),
+            "digits-empirical": lambda: load_testbed("digits-empirical"), "random16-mixture": mixture_bed}
+    body = [__doc__.split("\n\n", 1)[1].rsplit("Run:", 1)[0].strip(),
+            f"Sizes: {args.fit} fit / {args.select} selection / {args.eval} eval noises per seed, {seeds} seeds; "
+            f"DP grid {args.grid}; LD3 {args.ld3_iterations} iterations; AYS {args.ays_iterations} sweeps, "
+            f"{args.ays_samples} KLUB samples, validated on the selection noises; {args.threads} thread(s)."]
+    verdicts = {}
+    for name in args.beds.split(","):
+        bed = beds[name]()
+        runs = []
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            runs.append(bench_seed(bed, seed, args, fd=name == "digits-edm"))
+            print(f"[{name}] seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
+        text, verdicts[name] = summarise(name, runs)
+        body.append(f"### {name}\n\n{text}")
+    body.insert(2, "**Gate (means over seeds):**\n\n" + _claims(verdicts))
     body.append(f"Total benchmark wall time: {time.perf_counter() - t_all:.0f} s.")
-    write_section("schedules", "Optimized schedules (AYS, LD3, DP) vs Karras and Diffusers", "\n\n".join(body))
-    print(results)
+    print(_claims(verdicts))
+    if q:  # a smoke run does not overwrite the measured section
+        return 0
+    write_section("schedules", "Schedule gate: fastgen schedule + solver and AYS vs the best Diffusers scheduler",
+                  "\n\n".join(body))
     return 0
 
 

@@ -284,16 +284,98 @@ def unipc(
     return x
 
 
+def _unipc_system(h: torch.Tensor, rks: torch.Tensor, bh1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UniPC's linear system for step ``h`` (lambda) and ratios ``rks`` (K,) ending in 1:
+    ``(B_h, R (K, K), b (K,))`` with ``R[i] = rks**i`` and ``b`` from the phi functions (bh1: B(h) = -h)."""
+    hh = -h
+    h_phi_k = torch.expm1(hh) / hh - 1
+    b_h = hh if bh1 else torch.expm1(hh)
+    rows, b, fact = [], [], 1
+    for i in range(1, rks.shape[0] + 1):
+        rows.append(rks ** (i - 1))
+        b.append(h_phi_k * fact / b_h)
+        fact *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    return b_h, torch.stack(rows), torch.stack(b)
+
+
+def _unipc_combo(hist: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor, order: int
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Ratios ``r_k = (lambda_{-k} - lambda_0) / h`` (k = 1..order-1, then 1) and ``D1_k = (m_{-k} - m_0) / r_k``."""
+    m0, lam0 = hist[-1]
+    rks, d1s = [], []
+    for k in range(1, order):
+        mk, lamk = hist[-(k + 1)]
+        rk = (lamk - lam0) / h
+        rks.append(rk)
+        d1s.append((mk - m0) / rk)
+    return torch.stack([*rks, torch.ones_like(h)]), d1s
+
+
+def unipc3(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
+    check_finite: bool = True, order: int = 3, bh1: bool = False, **cond: Any,
+) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023) of order ``order`` (default 3), bh2 variant (B(h) = e^-h - 1; ``bh1``:
+    B(h) = -h, the paper's choice for unconditional pixel models), data prediction, lambda = -log sigma (VE).
+
+    The multistep predictor UniP-p uses the last ``p`` denoiser outputs, the corrector UniC-p the new
+    one (no extra call; order p + 1); warm-up and the last steps use lower orders (Diffusers'
+    ``lower_order_final``), so the step to 0 returns the denoised state. NFE = number of steps. In VP
+    terms it is Diffusers' ``UniPCMultistepScheduler(solver_order=order, solver_type="bh2")``;
+    ``order=2`` is :func:`unipc`. (Diffusers' bh1 returns NaN on a final step to sigma 0: B(h) = -inf
+    times a zero correction; here the step to 0 is the denoised state for both variants.)
+    """
+    if order not in (1, 2, 3, 4):
+        raise ValueError(f"order must be 1, 2, 3 or 4, got {order}")
+    sigmas = _prepare(x, sigmas)
+    lam = -sigmas[:-1].double().log()
+    n = len(sigmas) - 1
+    hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (denoised, lambda), newest last
+    base, base_order = x, 0
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = _denoise(denoiser, x, s, i, check_finite, cond)
+        if i > 0:  # UniC-p on the step sigmas[i-1] -> sigmas[i] just taken
+            h = lam[i] - lam[i - 1]
+            rks, d1s = _unipc_combo(hist, h, base_order)
+            b_h, r_mat, b = _unipc_system(h, rks, bh1)
+            rhos = torch.full_like(h, 0.5)[None] if base_order == 1 else torch.linalg.solve(r_mat, b)
+            m0 = hist[-1][0]
+            x = (s / sigmas[i - 1]) * base - torch.expm1(-h).to(x.dtype) * m0
+            corr = rhos[-1].to(x.dtype) * (denoised - m0)
+            for rho, d1 in zip(rhos[:-1], d1s):
+                corr = corr + rho.to(x.dtype) * d1
+            x = x - b_h.to(x.dtype) * corr
+        hist = [*hist, (denoised, -s.double().log())][-order:]
+        cur = min(order, n - i, len(hist))
+        base, base_order = x, cur
+        if float(s_next) == 0:
+            x = denoised
+        else:
+            h = s.double().log() - s_next.double().log()
+            x = (s_next / s) * x - torch.expm1(-h).to(x.dtype) * denoised
+            if cur >= 2:
+                rks, d1s = _unipc_combo(hist, h, cur)
+                b_h, r_mat, b = _unipc_system(h, rks, bh1)
+                rhos = torch.full_like(h, 0.5)[None] if cur == 2 else torch.linalg.solve(r_mat[:-1, :-1], b[:-1])
+                pred = sum(rho.to(x.dtype) * d1 for rho, d1 in zip(rhos, d1s))
+                x = x - b_h.to(x.dtype) * pred
+        _emit(callback, i, sigmas, x, denoised)
+    return x
+
+
 SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": euler,
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,
     "ipndm": ipndm,
     "unipc": unipc,
+    "unipc3": unipc3,
 }
 
 def get_solver(name: str) -> Callable[..., torch.Tensor]:
-    """Look up a solver by name (``euler``, ``heun``, ``dpmpp_2m``, ``ipndm``, ``unipc``)."""
+    """Look up a solver by name (``euler``, ``heun``, ``dpmpp_2m``, ``ipndm``, ``unipc``, ``unipc3``)."""
     if name not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
     return SOLVERS[name]

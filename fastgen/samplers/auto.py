@@ -24,32 +24,37 @@ from fastgen.samplers.ld3 import LD3Options, ld3_steps, learn_ld3
 from fastgen.samplers.optim_common import resolve_sigma_range
 from fastgen.samplers.schedule import Schedule, endpoint_rmse
 
-__all__ = ["auto_schedule", "METHODS"]
+__all__ = ["auto_schedule", "auto_schedules", "METHODS"]
 
 #: Schedule kinds :func:`auto_schedule` can try.
 METHODS = ("karras", "loglinear", "dp", "ld3")
 
 
-def _candidates(denoiser, solver, nfe, noise, lo, hi, methods, dp_options, ld3_options, generator, cond
-                ) -> list[Schedule]:
-    steps = steps_for_nfe(solver, nfe, exact=False)
-    out = []
-    if steps >= 1 and "karras" in methods:
-        out.append(Schedule(karras(steps, lo, hi), method="karras", solver=solver, nfe=nfe))
-    if steps >= 1 and "loglinear" in methods:
-        out.append(Schedule(loglinear(steps, lo, hi), method="loglinear", solver=solver, nfe=nfe))
-    dp = None
+def _candidates(denoiser, solver, nfes, noise, lo, hi, methods, dp_options, ld3_options, generator, targets,
+                cond) -> dict[int, list[Schedule]]:
+    """Every candidate of ``solver`` at each NFE in ``nfes``: DP from one teacher pass for all NFEs, LD3
+    on the shared teacher ``targets`` (endpoints of ``noise``)."""
+    out: dict[int, list[Schedule]] = {n: [] for n in nfes}
+    dps: dict[int, Schedule] = {}
     if "dp" in methods or "ld3" in methods:
-        dp = dp_schedules(denoiser, noise, [nfe], solver=solver, sigma_min=lo, sigma_max=hi, progress=False,
-                          **(dp_options or {}), **cond)[nfe]
+        dps = dp_schedules(denoiser, noise, list(nfes), solver=solver, sigma_min=lo, sigma_max=hi, progress=False,
+                           **(dp_options or {}), **cond)
+    opts = ld3_options or LD3Options()
+    for nfe in nfes:
+        steps = steps_for_nfe(solver, nfe, exact=False)
+        if steps >= 1 and "karras" in methods:
+            out[nfe].append(Schedule(karras(steps, lo, hi), method="karras", solver=solver, nfe=nfe))
+        if steps >= 1 and "loglinear" in methods:
+            out[nfe].append(Schedule(loglinear(steps, lo, hi), method="loglinear", solver=solver, nfe=nfe))
+        dp = dps.get(nfe)
         if "dp" in methods:
-            out.append(dp)
-    if "ld3" in methods and ld3_steps(solver, nfe) >= 2:
-        opts = ld3_options or LD3Options()
-        # from the DP schedule where the step counts agree (Heun at an odd NFE: LD3 has nfe // 2 steps)
-        init = dp if dp is not None and dp.steps == ld3_steps(solver, nfe) else opts.init
-        out.append(learn_ld3(denoiser, noise, solver=solver, nfe=nfe, options=opts, init=init, sigma_min=lo,
-                             sigma_max=hi, generator=generator, progress=False, **cond))
+            out[nfe].append(dp)
+        if "ld3" in methods and ld3_steps(solver, nfe) >= 2:
+            # from the DP schedule where the step counts agree (Heun at an odd NFE: LD3 has nfe // 2 steps)
+            init = dp if dp is not None and dp.steps == ld3_steps(solver, nfe) else opts.init
+            out[nfe].append(learn_ld3(denoiser, noise, solver=solver, nfe=nfe, options=opts, init=init,
+                                      sigma_min=lo, sigma_max=hi, targets=targets, generator=generator,
+                                      progress=False, **cond))
     return out
 
 
@@ -88,6 +93,31 @@ def auto_schedule(
     inf if only one candidate) and
     ``margins`` (per other solver: its best error / the winner's).
     """
+    return auto_schedules(denoiser, [nfe], noise, held_out, solvers=solvers, methods=methods, sigma_min=sigma_min,
+                          sigma_max=sigma_max, dp_options=dp_options, ld3_options=ld3_options, generator=generator,
+                          model_id=model_id, held_out_cond=held_out_cond, **cond)[nfe]
+
+
+def auto_schedules(
+    denoiser: Callable[..., torch.Tensor],
+    nfes: Sequence[int],
+    noise: torch.Tensor,
+    held_out: torch.Tensor,
+    *,
+    solvers: Sequence[str] | None = None,
+    methods: Sequence[str] = ("karras", "loglinear", "dp"),
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    dp_options: dict[str, Any] | None = None,
+    ld3_options: LD3Options | None = None,
+    generator: torch.Generator | None = None,
+    model_id: str | None = None,
+    held_out_cond: dict[str, Any] | None = None,
+    **cond: Any,
+) -> dict[int, Schedule]:
+    """:func:`auto_schedule` for several NFE budgets at once: ``{nfe: winner}``. One reference solve of
+    the held-out noises, one of the fitting noises (LD3's teacher) and one DP teacher pass per solver
+    serve every NFE."""
     t0 = time.perf_counter()
     solvers = list(SOLVERS) if solvers is None else list(solvers)
     unknown = [s for s in solvers if s not in SOLVERS] + [m for m in methods if m not in METHODS]
@@ -97,16 +127,28 @@ def auto_schedule(
     for name, t in (("noise", noise), ("held_out", held_out)):
         if not isinstance(t, torch.Tensor) or t.ndim < 2 or t.shape[0] < 2:
             raise ValueError(f"{name} must be a tensor of shape (N, ...) with N >= 2")
+    nfes = list(nfes)
+    for n in nfes:
+        steps_for_nfe("euler", n)  # ValueError for a non-integer or < 1
     lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
     hcond = cond if held_out_cond is None else held_out_cond
     with torch.no_grad():
         reference = reference_solve(denoiser, held_out * hi, hi, 0.0, **hcond)
-    scored = []
+        targets = reference_solve(denoiser, noise * hi, hi, 0.0, **cond) if "ld3" in methods else None
+    scored: dict[int, list[tuple[float, str, Schedule]]] = {n: [] for n in nfes}
     for solver in solvers:
-        for cand in _candidates(denoiser, solver, nfe, noise, lo, hi, methods, dp_options, ld3_options,
-                                generator, cond):
-            scored.append((endpoint_rmse(denoiser, cand, held_out, reference, **hcond), solver, cand))
-    scored.sort(key=lambda item: item[0])
+        cands = _candidates(denoiser, solver, nfes, noise, lo, hi, methods, dp_options, ld3_options, generator,
+                            targets, cond)
+        for nfe, cs in cands.items():
+            scored[nfe] += [(endpoint_rmse(denoiser, c, held_out, reference, **hcond), solver, c) for c in cs]
+    seconds = round(time.perf_counter() - t0, 3)
+    return {nfe: _winner(sorted(sc, key=lambda item: item[0]), model_id, held_out, noise, seconds)
+            for nfe, sc in scored.items()}
+
+
+def _winner(scored: list[tuple[float, str, Schedule]], model_id: str | None, held_out: torch.Tensor,
+            noise: torch.Tensor, seconds: float) -> Schedule:
+    """The best of ``scored`` (sorted ``(error, solver, schedule)``) with the ranking and margins in its meta."""
     best_err, best_solver, best = scored[0]
     per_solver: dict[str, float] = {}
     for err, solver, _ in scored:
@@ -119,7 +161,8 @@ def auto_schedule(
         "runner_up": [scored[1][1], scored[1][2].method] if len(scored) > 1 else None,
         "runner_up_margin": scored[1][0] / tiny if len(scored) > 1 else float("inf"),
         "margins": {s: e / tiny for s, e in per_solver.items() if s != best_solver},
+        "optimization_seconds": {f"{s}/{c.method}": c.meta.get("optimization_seconds", 0.0) for _, s, c in scored},
         "held_out": int(held_out.shape[0]), "fit_noises": int(noise.shape[0]),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": seconds,
     }}
     return best

@@ -100,7 +100,7 @@ def optimize_ays(
     iterations: int = 8,
     num_samples: int = 256,
     num_candidates: int = 11,
-    init: str = "karras",
+    init: str = "auto",
     validate: Callable[[torch.Tensor], float] | None = None,
     class_labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -122,10 +122,12 @@ def optimize_ays(
         sigma_min, sigma_max: the fixed end knots (VE sigma); default the denoiser's range, else
             [0.002, 80]. ValueError if outside the denoiser's ``sigma_min``/``sigma_max``.
         iterations: coordinate-wise sweeps per level (at most 300); with ``validate`` the best
-            sweep by validation score is kept (early stopping), else the last.
+            point on the refinement path by validation score is kept (early stopping at a quarter
+            of a group update's resolution, the start included), else the last sweep.
         num_samples: Monte Carlo samples per KLUB estimate (redrawn each sweep).
         num_candidates: candidates per interior point, the current value included.
-        init: "karras" (EDM rho = 7, continuous models) or "loglinear".
+        init: "karras" (EDM rho = 7, continuous models), "loglinear", or "auto" (default): the
+            better of the two by ``validate``, Karras without a validator.
         validate: optional ``f(knots) -> float`` (lower is better), e.g. FD or ODE error.
         class_labels: optional (N,) labels of ``data`` passed as ``class_labels=`` to the denoiser.
         solver, nfe, val_noise: with all three given (``val_noise`` > 0) and no ``validate``, the
@@ -140,9 +142,9 @@ def optimize_ays(
     data = _check_data(data)
     lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
     n = _check_args(data, n, solver, nfe, subdivisions, iterations, num_samples, num_candidates, class_labels)
-    t = _initial_knots(init, n, lo, hi)
     if validate is None and val_noise > 0:
         validate = _builtin_validator(denoiser, data, class_labels, solver, nfe, val_noise, hi, generator, cond)
+    t, init = _start(init, n, lo, hi, validate)
     history: list[dict[str, float]] = []
     bar = tqdm(total=iterations * (subdivisions + 1), desc="AYS", disable=not progress, leave=False)
     klub = float("nan")
@@ -172,7 +174,8 @@ def optimize_ays(
             "iterations": iterations,
             "num_samples": num_samples,
             "optimization_seconds": round(time.perf_counter() - t_start, 3),
-            "history": history[-5:],
+            "init": init,
+            "history": history[-6:],
         },
     )
 
@@ -198,6 +201,19 @@ def _check_args(data, n, solver, nfe, subdivisions, iterations, num_samples, num
     if class_labels is not None and class_labels.shape[0] != data.shape[0]:
         raise ValueError(f"class_labels must have shape ({data.shape[0]},), got {tuple(class_labels.shape)}")
     return n
+
+
+def _start(init: str, n: int, lo: float, hi: float, validate: Callable[[torch.Tensor], float] | None
+           ) -> tuple[torch.Tensor, str]:
+    """The first level's knots and the init used: ``"auto"`` is the better of Karras and log-linear by
+    ``validate`` (Karras without one, the paper's start for continuous models)."""
+    if init != "auto":
+        return _initial_knots(init, n, lo, hi), init
+    if validate is None:
+        return _initial_knots("karras", n, lo, hi), "karras"
+    scored = [(validate(_initial_knots(k, n, lo, hi).flip(0).clone()), k) for k in ("karras", "loglinear")]
+    best = min(scored)[1]
+    return _initial_knots(best, n, lo, hi), best
 
 
 def _initial_knots(init: str, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -246,10 +262,16 @@ class _Sampler:
 
 def _optimise_level(denoiser, t, groups, num_candidates, iterations, sampler, validate, level, history, bar
                     ) -> tuple[torch.Tensor, float]:
-    """Coordinate-wise sweeps over ``groups`` of non-adjacent knots; keeps the best sweep by
-    ``validate`` (early stopping; the last sweep without it). Returns (knots, last KLUB)."""
-    best_t = t.clone()
-    best_score = validate(t.flip(0).clone()) if validate is not None else math.inf
+    """Coordinate-wise sweeps over ``groups`` of non-adjacent knots. Returns (knots, last KLUB).
+
+    Early stopping (with ``validate``): the schedules after every group update form a path from the
+    level's start; the path is scored at :data:`PATH_FRACTIONS` of each leg (log-sigma interpolation
+    between consecutive points) and the best point on it is kept, the start included, so the result is
+    never worse than the start on the validation score. Each sweep moves every point to its local KLUB
+    argmin, so a sweep is too coarse a unit to stop at: the KLUB optimum is not the ODE optimum, and
+    scoring whole sweeps overshoots. Without ``validate`` the last sweep is kept.
+    """
+    path = [t.clone()]
     klub = float("nan")
     for it in range(iterations):
         for grp in groups:
@@ -257,15 +279,29 @@ def _optimise_level(denoiser, t, groups, num_candidates, iterations, sampler, va
                 continue
             x0, eps, eps2, u, cnd = sampler()
             t = _refine_group(denoiser, t, grp, num_candidates, x0, eps, eps2, u, cnd)
+            path.append(t.clone())
         x0, eps, eps2, u, cnd = sampler()
         klub = float(klub_intervals(denoiser, t[:-1], t[1:], x0, eps, eps2, u, cnd).sum())
-        score = validate(t.flip(0).clone()) if validate is not None else -it
-        history.append({"level": level, "iteration": it, "klub": klub, "score": float(score)})
-        if score < best_score:
-            best_t, best_score = t.clone(), float(score)
+        history.append({"level": level, "iteration": it, "klub": klub})
         bar.update(1)
         bar.set_postfix(level=level, klub=f"{klub:.4g}")
+    if validate is None:
+        return t, klub
+    best_t, best_score, best_at = path[0], validate(path[0].flip(0).clone()), 0.0
+    for leg, (a, b) in enumerate(zip(path[:-1], path[1:])):
+        for f in PATH_FRACTIONS:
+            cand = (torch.lerp(a.log(), b.log(), f)).exp()
+            cand[0], cand[-1] = a[0], a[-1]
+            score = validate(cand.flip(0).clone())
+            if score < best_score:
+                best_t, best_score, best_at = cand, float(score), leg + f
+    history.append({"level": level, "best_score": best_score, "path_position": best_at,
+                    "path_length": len(path) - 1})
     return best_t, klub
+
+
+#: Where each leg of the refinement path is scored for early stopping (fractions of the leg).
+PATH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
 def _draw(data: torch.Tensor, labels: torch.Tensor | None, m: int, generator: torch.Generator | None
@@ -313,13 +349,18 @@ def for_solver(schedule: Schedule, solver: str, nfe: int) -> Schedule:
 
 def ode_validator(denoiser: Callable[..., torch.Tensor], shape: tuple[int, ...], solver: str, nfe: int,
                   num: int, sigma_max: float, generator: torch.Generator | None,
-                  dtype: torch.dtype = torch.float64, **cond: Any) -> Callable[[torch.Tensor], float]:
-    """``f(knots) -> endpoint RMSE`` of ``solver`` at ``nfe`` on ``num`` fixed noises vs the reference ODE."""
+                  dtype: torch.dtype = torch.float64, noise: torch.Tensor | None = None,
+                  reference: torch.Tensor | None = None, **cond: Any) -> Callable[[torch.Tensor], float]:
+    """``f(knots) -> endpoint RMSE`` of ``solver`` at ``nfe`` on ``num`` fixed noises vs the reference ODE.
+
+    ``noise`` (num, *shape) and its exact endpoints ``reference`` may be given (shared by several
+    validators); otherwise they are drawn from ``generator`` and solved here."""
     from fastgen.core.ode import reference_solve
     from fastgen.samplers.schedule import endpoint_rmse
 
-    noise = torch.randn(num, *shape, generator=generator, dtype=torch.float64).to(dtype)
-    ref = reference_solve(denoiser, noise * sigma_max, sigma_max, 0.0, **cond)
+    if noise is None:
+        noise = torch.randn(num, *shape, generator=generator, dtype=torch.float64).to(dtype)
+    ref = reference_solve(denoiser, noise * sigma_max, sigma_max, 0.0, **cond) if reference is None else reference
 
     def score(knots: torch.Tensor) -> float:
         sched = for_solver(Schedule(knots), solver, nfe)
