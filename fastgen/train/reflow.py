@@ -127,13 +127,15 @@ class ReflowMethod(SingleNetworkMethod):
     def step(
         self, batch: Mapping[str, torch.Tensor], step: int, generator: torch.Generator
     ) -> Mapping[str, torch.Tensor]:
-        idx = batch["index"].long().cpu() % self.num_pairs
         dev = batch["index"].device
-        z0, z1 = self.pairs["z0"][idx].to(dev), self.pairs["z1"][idx].to(dev)
+        if self.pairs["z0"].device != dev:  # once: the pairs live where the batches do
+            self.pairs = {k: v.to(dev) for k, v in self.pairs.items()}
+        idx = batch["index"].long() % self.num_pairs
+        z0, z1 = self.pairs["z0"][idx], self.pairs["z1"][idx]
         t = self.sample_t(z0.shape[0], generator).to(dev)
         cond: dict[str, Any] = {}
         if self.num_classes and "label" in self.pairs:
-            labels = self.pairs["label"][idx].to(dev)
+            labels = self.pairs["label"][idx]
             cond["class_labels"] = drop_labels(labels, self.label_dropout, self.num_classes, generator)
         self.last_logs = {}
         return {"main": reflow_loss(self.net, z0, z1, t, self.loss, **cond)}
