@@ -222,11 +222,15 @@ class DiffusersFlowDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         s = sigma_batch(sigma, x)
         t = s / (1 + s)
-        tb = _bcast(t, x)
         x_fm = (x / (1 + _bcast(s, x))).to(x.dtype)
-        timestep = (t * self.timestep_scale).to(x.dtype)
-        v = _model_output(self.model(x_fm, timestep=timestep, **cond)).to(x.dtype)
-        return flow_output_to_x0(v, x_fm, tb)
+        return self.flow_x0(x_fm, t, **cond)
+
+    def flow_x0(self, x_fm: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        """x0 from the flow state ``x_fm`` at flow time ``t`` (B,) in [0, 1] (1 = noise, reachable here:
+        one-step flow students evaluate ``t = 1`` exactly, which has no finite VE sigma)."""
+        timestep = (t * self.timestep_scale).to(x_fm.dtype)
+        v = _model_output(self.model(x_fm, timestep=timestep, **cond)).to(x_fm.dtype)
+        return flow_output_to_x0(v, x_fm, _bcast(t, x_fm))
 
 
 class RectifiedFlowDenoiser(nn.Module):

@@ -5,6 +5,7 @@
 - :mod:`fastgen.distill.discriminator` -- feature taps and heads (teacher / fake-score / (x_t, sigma)).
 - :mod:`fastgen.distill.fdistill` -- :class:`FDistill`, the method for the trainer.
 - :mod:`fastgen.distill.student` -- :class:`OneStepStudent`, save/load, :class:`OneStepPipeline`.
+- :mod:`fastgen.distill.t2i` -- :class:`TextToImageDistill`: text-to-image pipelines (prompts, CFG, latents).
 """
 
 from fastgen.distill import divergences
@@ -13,13 +14,14 @@ from fastgen.distill.build import from_config as _fdistill_from_config
 from fastgen.distill.fdistill import FDistill, FDistillConfig, dmd_gradient, pseudo_target_loss
 from fastgen.distill.sfd import from_config as _sfd_from_config
 from fastgen.distill.student import OneStepPipeline, OneStepStudent, load_student, save_student, toy_mlp
+from fastgen.distill.t2i import TextToImageDistill  # also registers the "t2i" data set
 from fastgen.distill.uni_instruct import from_config as _uni_instruct_from_config
 from fastgen.train.method import register_method
 
 register_method("fdistill", _fdistill_from_config)
+register_method("uni_instruct", _uni_instruct_from_config)  # Uni-Instruct (fastgen.distill.uni_instruct)
 register_method("sfd", _sfd_from_config)  # SFD few-step students (fastgen.distill.sfd)
 register_method("boss", _boss_from_config)  # BOSS straightening (fastgen.distill.boss)
-register_method("uni_instruct", _uni_instruct_from_config)  # Uni-Instruct (fastgen.distill.uni_instruct)
 
 __all__ = [
     "divergences",
@@ -29,6 +31,7 @@ __all__ = [
     "pseudo_target_loss",
     "OneStepStudent",
     "OneStepPipeline",
+    "TextToImageDistill",
     "load_student",
     "save_student",
     "toy_mlp",

@@ -26,6 +26,10 @@ def from_config(cfg: Any, method_cls: type | None = None, config_cls: type | Non
     """
     from fastgen.models.nets import build_network
 
+    if cfg.data.name == "t2i":  # text-to-image pipelines: prompts, CFG, latents (fastgen.distill.t2i)
+        from fastgen.distill.t2i import from_config as t2i_from_config
+
+        return t2i_from_config(cfg)
     kw = {k: v for k, v in cfg.method.items() if k != "name"}
     if "teacher" not in kw:
         raise ValueError("method.teacher is required (a zoo name such as 'digits-edm', or a mapping)")

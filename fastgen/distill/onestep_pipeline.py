@@ -72,6 +72,9 @@ class OneStepPipeline:
         student = model.generator
         if getattr(student, "recipe", None) is not None and not student.recipe.get("network"):
             student.recipe = {**student.recipe, "network": model.config.get("network")}  # for save_pretrained
+        pipeline = (model.config.get("pipeline") or {}).get("source") if model.conditioning == "prompt" else None
+        if pipeline and getattr(student, "recipe", None) is not None:
+            student.recipe = {**student.recipe, "pipeline": pipeline}  # text students keep their encoder/VAE
         return cls(student, model.shape, num_classes=model.num_classes, encode_prompt=model.encode_prompt,
                    decoder=model.decoder, metadata={"identity": model.identity()})
 

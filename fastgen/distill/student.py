@@ -120,8 +120,11 @@ def save_student(
     The JSON is a zoo entry (``fastgen.models.load`` reads it when the network has a ``kind``)::
 
         {"format": "fastgen-one-step-student", "network": <recipe>,
-         "denoiser": {"type": "student", "sigma": ..., "wrap": ...},
-         "sample_shape": [...], "metadata": {...}}
+         "denoiser": {"type": "student", "sigma": ..., "wrap": ..., ["flow_t": ...]},
+         "sample_shape": [...], "metadata": {...}, ["pipeline": SOURCE]}
+
+    ``pipeline`` (text-to-image students, from ``student.recipe["pipeline"]``): the :func:`load_model` source
+    of the teacher pipeline whose tokenizer, text encoders and VAE the student uses (``digits-sd``, a folder).
 
     ``student.recipe = {"network": <recipe>, "wrap": <wrap spec or None>}`` must be set. Returns the paths.
     """
@@ -146,9 +149,11 @@ def save_student(
             "type": "student",
             "sigma": student.sigma,
             "wrap": recipe.get("wrap"),
+            **({"flow_t": student.flow_t} if getattr(student, "flow_t", None) is not None else {}),
         },
         "sample_shape": list(sample_shape),
         "metadata": dict(metadata or {}),
+        **({"pipeline": recipe["pipeline"]} if recipe.get("pipeline") else {}),
     }
     meta.write_text(json.dumps(doc, indent=2) + "\n")
     return weights, meta
@@ -179,9 +184,9 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
     net.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
     spec = doc.get("denoiser", {})
     wrapped = wrap_network(net, spec.get("wrap"))
-    student = OneStepStudent(
-        wrapped, sigma=spec.get("sigma"), recipe={"network": doc["network"], "wrap": spec.get("wrap")}
-    )
+    recipe = {"network": doc["network"], "wrap": spec.get("wrap"),
+              **({"pipeline": doc["pipeline"]} if doc.get("pipeline") else {})}
+    student = OneStepStudent(wrapped, sigma=spec.get("sigma"), recipe=recipe, flow_t=spec.get("flow_t"))
     return student.to(map_location).eval().requires_grad_(False), doc
 
 register_network("toy_mlp", toy_mlp)

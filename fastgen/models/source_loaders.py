@@ -108,6 +108,10 @@ def load_student_files(path: Path, device: Any, name: str) -> LoadedModel:
     model = zoo.build_model(info, weights, device=device, where=str(meta))
     loaded = _from_info(model, info, name, "student", _shape_from_info(info, str(meta)), {"student": str(meta)})
     loaded.label = meta.parent.name if meta.stem == "student" else meta.stem
+    if info.get("pipeline"):  # a text-to-image student: its teacher pipeline's prompt encoder and VAE
+        from fastgen.models.onestep import attach_pipeline
+
+        attach_pipeline(loaded, info["pipeline"], meta.parent, device)
     return loaded
 
 

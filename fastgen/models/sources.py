@@ -3,8 +3,9 @@
 ``source`` is one of
 
 - a zoo name (``fastgen.models.list_models()``: ``digits-edm``, ``digits-gft``, ``digits-shortcut``,
-  ``digits-fdistill-js`` ...), or the name of a shipped Diffusers pipeline folder
-  (``fastgen/models/weights/pipelines/<name>/``, e.g. ``digits-sd``, ``digits-sd3``);
+  ``digits-fdistill-js`` ...), the name of a shipped Diffusers pipeline folder
+  (``fastgen/models/weights/pipelines/<name>/``, e.g. ``digits-sd``, ``digits-sd3``) or of a shipped student
+  folder (``fastgen/models/weights/<name>/student.json``, e.g. ``digits-sd-fdistill-js``);
 - a training run directory (``config.yaml`` + ``checkpoints/``) or one of its checkpoints
   (``RUN/checkpoints/latest``, ``RUN/checkpoints/step_*``): the EMA network, wrapped as the run's
   method prescribes (``edm``, ``flow``, ``gft``; an ``fdistill`` run gives its one-step student);
@@ -209,6 +210,8 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", **options
         return files.load_zoo(src, device)
     if isinstance(source, str) and (PIPELINES_DIR / src / "model_index.json").is_file():
         return files.load_pipeline(PIPELINES_DIR / src, device, name=src)
+    if isinstance(source, str) and "/" not in src and (zoo.WEIGHTS_DIR / src / "student.json").is_file():
+        return files.load_student_files(zoo.WEIGHTS_DIR / src, device, name=src)  # shipped student folders
     path = Path(src)
     if not path.exists() and path.suffix == "" and path.with_suffix(".safetensors").is_file():
         path = path.with_suffix(".safetensors")
@@ -234,7 +237,8 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", **options
 def available() -> list[str]:
     """Zoo names and shipped pipeline names that :func:`load_model` accepts by name."""
     pipes = sorted(p.name for p in PIPELINES_DIR.glob("*") if (p / "model_index.json").is_file())
-    return zoo.list_models() + pipes
+    students = sorted(p.name for p in zoo.WEIGHTS_DIR.glob("*") if (p / "student.json").is_file())
+    return zoo.list_models() + pipes + students
 
 
 def _mixture_name(src: str) -> str | None:
