@@ -77,7 +77,8 @@ def teacher_stamps(teacher: Any, x: torch.Tensor, fine: torch.Tensor, inserted: 
 
 @dataclass
 class SFDConfig:
-    """SFD options (see the module docstring). ``sigma_max``/``sample_shape`` default to the teacher's."""
+    """SFD options (see the module docstring). ``sample_shape``/``sigma_max`` default to the teacher's and
+    ``sigma_min`` to ``max(0.006, teacher's sigma_min)`` (:func:`from_config`)."""
 
     num_steps: int = 4
     inserted: int = 3
@@ -299,6 +300,7 @@ def from_config(cfg: Any) -> SFD:
     conditions = ConditionSampler(model, kw.pop("class_conditional", None), kw.pop("prompts", None))
     kw.setdefault("sample_shape", tuple(model.shape))
     kw.setdefault("sigma_max", float(model.sigma_max))
+    kw.setdefault("sigma_min", max(SFDConfig.sigma_min, float(model.sigma_min)))  # 0.006, or the teacher's floor
     kw.setdefault("seed", int(cfg.seed))
     scfg = SFDConfig.from_dict(kw)
     if scfg.sigma_min < model.sigma_min * (1 - 1e-6) or scfg.sigma_max > model.sigma_max * (1 + 1e-6):
