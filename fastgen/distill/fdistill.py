@@ -82,6 +82,12 @@ class FDistill:
     [label_key: labels (B,)]}``; labels are passed as ``class_labels=``.
     """
 
+    #: FSDP2 (torch 2.13) frees a sharded network's gathered parameters after its first backward, and
+    #: f-distill runs its fake score and heads several times per backward (fake and real samples, R1):
+    #: the trainer refuses FSDP for it (DDP is exact). Measured on CPU/gloo: "setStorage: ... out of
+    #: bounds for storage of size 0" in the critic's backward.
+    fsdp_supported = False
+
     def __init__(
         self,
         teacher: nn.Module,

@@ -149,3 +149,71 @@ def enable_gradient_checkpointing(name: str, net: nn.Module) -> int:
             "it (Diffusers models and fastgen's mlp/unet nets do)"
         )
     return n
+
+
+def is_fsdp(accelerator: Any) -> bool:
+    """Whether ``accelerator`` shards with FSDP (its accelerate config or plugin selected it)."""
+    return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
+
+
+class OptimizerGroup:
+    """Several optimizers stepped as one named optimizer (FSDP: accelerate prepares one network per
+    optimizer, so a group over several networks gets one AdamW per network; AdamW is per parameter, so
+    the step is the same as one AdamW over all of them)."""
+
+    def __init__(self, optimizers: list[Any]) -> None:
+        self.members = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.members for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.members:
+            o.step()
+
+
+def raw_optimizers(opt: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind a prepared optimizer or an :class:`OptimizerGroup`."""
+    members = opt.members if isinstance(opt, OptimizerGroup) else [opt]
+    return [getattr(o, "optimizer", o) for o in members]
+
+
+def prepare_fsdp(
+    accelerator: Any, nets: Mapping[str, nn.Module], groups: Mapping[str, list[str]],
+    make_optimizer: Callable[[str, list[nn.Parameter]], torch.optim.Optimizer],
+) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """FSDP2 preparation: each network with an optimizer over its own parameters
+    (``accelerator.prepare(net, opt)``: accelerate's FSDP2 shards one model per call and swaps that
+    optimizer's parameters for the shards). Returns the prepared networks and, per optimizer name, the
+    prepared optimizer or an :class:`OptimizerGroup` of them."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if getattr(plugin, "fsdp_version", 2) != 2:
+        raise ValueError("FSDP: fastgen's trainer supports FSDP2 only; set fsdp_version: 2 in the accelerate config")
+    prepared: dict[str, nn.Module] = {}
+    optimizers: dict[str, Any] = {}
+    for oname, names in groups.items():
+        members = []
+        for n in names:
+            params = [p for p in nets[n].parameters() if p.requires_grad]
+            prepared[n], opt = accelerator.prepare(nets[n], make_optimizer(oname, params))
+            members.append(opt)
+        optimizers[oname] = members[0] if len(members) == 1 else OptimizerGroup(members)
+    for n, net in nets.items():  # trainable networks no optimizer names
+        if n not in prepared:
+            prepared[n] = accelerator.prepare(net)
+    return prepared, optimizers
+
+
+class FullView:
+    """What :meth:`AveragedModel.update_parameters` reads (``parameters()``, ``buffers()``) of an FSDP2
+    network, gathered to full tensors, so the (unsharded) EMA copy averages the whole network."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [full_tensor(p.detach()) for p in self.module.parameters()]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [full_tensor(b) for b in self.module.buffers()]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainingDiverged", "validate_optim", "DEFAULT_EXPLODE_BOUND"]
+__all__ = ["TrainingDiverged", "validate_optim", "unhealthy", "DEFAULT_EXPLODE_BOUND"]
 
 DEFAULT_EXPLODE_BOUND = 1e8  # |loss| or pre-clip grad norm beyond this stops the run (optim.explode_bound)
 
@@ -34,6 +34,27 @@ def validate_optim(name: str, o: Mapping[str, Any]) -> None:
     for key, ok, accepted in checks:
         if not ok:
             raise ValueError(f"{where}: {key} must be {accepted}, got {o[key]!r}")
+
+
+def unhealthy(losses: Mapping[str, float], norms: Mapping[str, float],
+              bounds: Mapping[str, float | None]) -> str | None:
+    """Why a step must not be applied (a non-finite loss or pre-clip gradient norm, or one beyond its
+    optimizer's ``explode_bound``), or None. Keys are optimizer (loss) names."""
+    for n, v in losses.items():
+        if not math.isfinite(v):
+            return f"loss {n!r} is {v}"
+    for n, gn in norms.items():
+        if not math.isfinite(gn):
+            return f"the gradient of loss {n!r} is non-finite (norm {gn})"
+    for n, v in losses.items():
+        bound = bounds.get(n)
+        if bound is None:
+            continue
+        if abs(v) > bound:
+            return f"the run exploded: |loss {n!r}| = {v:.4g} > optim.explode_bound {bound:g}"
+        if norms.get(n, 0.0) > bound:
+            return f"the run exploded: grad norm of loss {n!r} = {norms[n]:.4g} > optim.explode_bound {bound:g}"
+    return None
 
 
 class TrainingDiverged(FloatingPointError):

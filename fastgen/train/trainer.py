@@ -46,17 +46,21 @@ from torch import nn
 
 from fastgen.io import checkpoint as ckpt
 from fastgen.train.accel import (
+    FullView,
     NetworkSlots,
     autocast,
     enable_gradient_checkpointing,
     full_tensor,
     grad_norm,
+    is_fsdp,
     make_scaler,
+    prepare_fsdp,
+    raw_optimizers,
 )
 from fastgen.train.batches import build_dataset, global_indices, shard_seed
 from fastgen.train.config import TrainConfig, save_config
 from fastgen.train.ema import make_ema
-from fastgen.train.health import DEFAULT_EXPLODE_BOUND, TrainingDiverged, validate_optim
+from fastgen.train.health import DEFAULT_EXPLODE_BOUND, TrainingDiverged, unhealthy, validate_optim
 from fastgen.train.method import Method, build_method
 from fastgen.train.trainer_state import CheckpointMixin
 
@@ -131,11 +135,8 @@ class Trainer(CheckpointMixin):
                     f"optimizer group {oname!r} names unknown networks {missing}; have {list(nets)}"
                 )
             params = [p for n in net_names for p in nets[n].parameters() if p.requires_grad]
-            o = self._optim_settings(oname)
             self.opt_params[oname] = params
-            self.optimizers[oname] = torch.optim.AdamW(
-                params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"]
-            )
+            self.optimizers[oname] = self._adamw(oname, params)
         self._sigma_seen: list[float] = []
         self._record_sigmas()
         unknown_groups = sorted(set(cfg.optim.groups) - set(groups))
@@ -147,6 +148,7 @@ class Trainer(CheckpointMixin):
         self.ema = {
             n: make_ema(nets[n], cfg.ema.decay, cfg.ema.warmup) for n in self.method.ema_networks()
         }
+        self._groups = groups
         self._prepare(nets)
         self.step = 0
         self.out = Path(cfg.output_dir)
@@ -171,6 +173,11 @@ class Trainer(CheckpointMixin):
         except AttributeError:  # a method that forbids attributes: reports go without the sigma range
             pass
 
+    def _adamw(self, name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        o = self._optim_settings(name)
+        return torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                                 weight_decay=o["weight_decay"])
+
     def _prepare(self, nets: dict[str, nn.Module]) -> None:
         """Every trainable network with its optimizer through ``accelerator.prepare``; frozen networks
         replicated or (``frozen_sharding: shard``, FSDP only) prepared for sharding; the loss scaler."""
@@ -181,23 +188,28 @@ class Trainer(CheckpointMixin):
                 f"mixed_precision: the config says {cfg.mixed_precision!r} but the accelerator was built with "
                 f"{own!r} (accelerate config or --mixed_precision); set them to the same value"
             )
-        fsdp = str(getattr(acc, "distributed_type", "")).endswith("FSDP")
-        if cfg.frozen_sharding == "shard" and not fsdp:
+        self.fsdp = is_fsdp(acc)
+        if cfg.frozen_sharding == "shard" and not self.fsdp:
             raise ValueError("frozen_sharding: 'shard' needs FSDP (launch with an FSDP accelerate config); "
                              "use 'replicate' otherwise")
         names, onames = list(nets), list(self.optimizers)
-        prepared = acc.prepare(*[nets[n] for n in names], *[self.optimizers[o] for o in onames])
-        prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
-        self.prepared = dict(zip(names, prepared[: len(names)]))
+        if self.fsdp and not getattr(self.method, "fsdp_supported", True):
+            raise ValueError(f"method {type(self.method).__name__} does not support FSDP (see its fsdp_supported "
+                             "note); launch it without an FSDP accelerate config (DDP)")
+        if self.fsdp:
+            self.prepared, self.optimizers = prepare_fsdp(acc, nets, self._groups, self._adamw)
+        else:
+            prepared = acc.prepare(*[nets[n] for n in names], *[self.optimizers[o] for o in onames])
+            prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
+            self.prepared = dict(zip(names, prepared[: len(names)]))
+            self.optimizers = dict(zip(onames, prepared[len(names):]))
         self.networks = {n: acc.unwrap_model(m) for n, m in self.prepared.items()}
-        self.optimizers = dict(zip(onames, prepared[len(names):]))
         # FSDP swaps the optimizers' parameters for sharded ones: read them back
         self.opt_params = {o: [p for g in opt.param_groups for p in g["params"]] for o, opt in self.optimizers.items()}
-        frozen = dict(self.method.frozen())
-        if cfg.frozen_sharding == "shard":
-            for m in frozen.values():
-                acc.prepare_model(m, evaluation_mode=True)
-        self._slots = NetworkSlots(self.method, {n: (self.networks[n], self.prepared[n]) for n in names})
+        pairs = {n: (self.networks[n], self.prepared[n]) for n in names}
+        if cfg.frozen_sharding == "shard":  # accelerate shards a model without an optimizer when asked to
+            pairs.update({f"frozen:{n}": (m, acc.prepare(m)) for n, m in self.method.frozen().items()})
+        self._slots = NetworkSlots(self.method, pairs)
         self.scaler = make_scaler(acc, cfg.mixed_precision)
 
     # ------------------------------------------------------------------------------------------
@@ -230,7 +242,10 @@ class Trainer(CheckpointMixin):
     # ------------------------------------------------------------------------------------------
     # ------------------------------------------------------------------------------------------
     def _all_params(self) -> list[nn.Parameter]:
-        return [p for m in self.networks.values() for p in m.parameters()]
+        """Every parameter of every trainable network (listed once, after ``prepare``)."""
+        if getattr(self, "_params", None) is None:
+            self._params = [p for m in self.networks.values() for p in m.parameters()]
+        return self._params
 
     def _diverged(self, what: str, step: int) -> TrainingDiverged:
         where = str(self.last_checkpoint) if self.last_checkpoint else "none (none written yet)"
@@ -286,30 +301,29 @@ class Trainer(CheckpointMixin):
                     if self.scaler is not None:
                         loss = self.scaler.scale(loss)
                     # losses may share one forward pass: keep the graph for the later ones
-                    loss.backward(inputs=self.opt_params[name], retain_graph=li < len(items) - 1)
+                    self._backward(name, loss, retain_graph=li < len(items) - 1)
         return order, loss_sum, extra
+
+    def _backward(self, name: str, loss: torch.Tensor, retain_graph: bool) -> None:
+        """Backpropagate ``loss`` into optimizer ``name``'s parameters only. FSDP2's graph leaves are the
+        unsharded parameters, so there the other optimizers' gradients are set aside and restored."""
+        if not self.fsdp:
+            loss.backward(inputs=self.opt_params[name], retain_graph=retain_graph)
+            return
+        others = [p for o, ps in self.opt_params.items() if o != name for p in ps]
+        kept = [p.grad for p in others]
+        for p in others:
+            p.grad = None
+        loss.backward(retain_graph=retain_graph)
+        for p, g in zip(others, kept):
+            p.grad = g
 
     def _check_health(self, step: int, names: list[str], lvec: torch.Tensor, norms: dict[str, float]) -> None:
         """Stop (before any weight changes) on a non-finite loss or gradient or one beyond ``explode_bound``."""
-        for i, n in enumerate(names):
-            v = float(lvec[i])
-            if not math.isfinite(v):
-                raise self._diverged(f"loss {n!r} is {v}", step)
-        for n, gn in norms.items():
-            if not math.isfinite(gn):
-                raise self._diverged(f"the gradient of loss {n!r} is non-finite (norm {gn})", step)
-        for i, n in enumerate(names):
-            bound = self._optim_settings(n)["explode_bound"]
-            if bound is None:
-                continue
-            v = float(lvec[i])
-            if abs(v) > bound:
-                raise self._diverged(f"the run exploded: |loss {n!r}| = {v:.4g} > optim.explode_bound {bound:g}", step)
-            if norms[n] > bound:
-                raise self._diverged(
-                    f"the run exploded: grad norm of loss {n!r} = {norms[n]:.4g} > optim.explode_bound {bound:g}",
-                    step,
-                )
+        losses = {n: float(lvec[i]) for i, n in enumerate(names)}
+        why = unhealthy(losses, norms, {n: self._optim_settings(n)["explode_bound"] for n in names})
+        if why is not None:
+            raise self._diverged(why, step)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (all micro-batches of this process); returns the logged scalars.
@@ -329,7 +343,8 @@ class Trainer(CheckpointMixin):
         logs = {f"loss/{n}": float(lvec[i]) for i, n in enumerate(names)}
         if self.scaler is not None:
             for n in names:
-                self.scaler.unscale_(getattr(self.optimizers[n], "optimizer", self.optimizers[n]))
+                for raw in raw_optimizers(self.optimizers[n]):
+                    self.scaler.unscale_(raw)
         totals = {n: grad_norm(self.opt_params[n]) for n in names}
         norms = {n: 0.0 if t is None else float(full_tensor(t)) for n, t in totals.items()}
         overflow = self.scaler is not None and not all(math.isfinite(v) for v in norms.values())
@@ -353,7 +368,8 @@ class Trainer(CheckpointMixin):
                 g["lr"] = lr
             logs[f"lr/{name}"] = lr
             if self.scaler is not None:
-                self.scaler.step(getattr(opt, "optimizer", opt))  # skipped on overflow
+                for raw in raw_optimizers(opt):
+                    self.scaler.step(raw)  # skipped on overflow
             else:
                 opt.step()
         if self.scaler is not None:
@@ -364,7 +380,7 @@ class Trainer(CheckpointMixin):
             p.grad = None
         if (step + 1) % cfg.ema.every == 0:
             for n, e in self.ema.items():
-                e.update_parameters(self.networks[n])
+                e.update_parameters(FullView(self.networks[n]) if self.fsdp else self.networks[n])
         logs.update(extra)
         self.step = step + 1
         return logs

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fastgen.io import checkpoint as ckpt
+from fastgen.train.accel import full_tensor
 from fastgen.train.config import config_to_dict
 
 __all__ = ["CheckpointMixin"]
@@ -20,8 +21,8 @@ class CheckpointMixin:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the training state under checkpoint names."""
         t: dict[str, torch.Tensor] = {}
-        for n, m in self.networks.items():
-            t.update({f"net/{n}.{k}": v for k, v in m.state_dict().items()})
+        for n, m in self.networks.items():  # FSDP2: shards gathered to full tensors (on every process)
+            t.update({f"net/{n}.{k}": full_tensor(v) for k, v in m.state_dict().items()})
         for n, e in self.ema.items():
             t.update({f"ema/{n}.{k}": v for k, v in e.state_dict().items()})
         for k, v in self.method.state_dict().items():
@@ -31,13 +32,15 @@ class CheckpointMixin:
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (main process only); returns its directory."""
         path = None
-        bad = ckpt.tensors_finite(self.state_tensors())
+        tensors = self.state_tensors()  # on every process: under FSDP gathering is a collective
+        bad = ckpt.tensors_finite(tensors)
         if bad:  # never write (or name) a non-finite checkpoint as a good one
             raise self._diverged(f"{len(bad)} state tensor(s) are non-finite (e.g. {bad[0]!r})", self.step)
         if self.acc.is_main_process:
-            tensors = self.state_tensors()
             optim_meta = {}
             for name, opt in self.optimizers.items():
+                if getattr(self, "fsdp", False):  # sharded optimizer state: not saved (see docs/training.md)
+                    continue
                 ot, meta = ckpt.optimizer_to_flat(getattr(opt, "optimizer", opt), f"optim/{name}")
                 tensors.update(ot)
                 optim_meta[name] = meta
@@ -73,6 +76,12 @@ class CheckpointMixin:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore networks, EMA, optimizers, method state and the data position from ``path``."""
+        if getattr(self, "fsdp", False):
+            raise ValueError(
+                f"cannot resume {str(path)!r} under FSDP: FSDP checkpoints hold the gathered weights, EMA and "
+                "method state (they load with load_model) but not the sharded optimizer state; resume without "
+                "FSDP or start a new output_dir"
+            )
         tensors, state = ckpt.read_checkpoint(path)
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
