@@ -5,7 +5,8 @@ A model ``NAME`` is three files in ``fastgen/models/weights/`` (or another folde
 - ``NAME.safetensors``: the network's state dict (float16 or float32; loaded as float32 by default);
 - ``NAME.json``: ``{"network": {"kind": NAME, **kwargs}, "denoiser": {"type": NAME, **kwargs},
   "sample_shape": [...]}``: registry names only (:mod:`fastgen.models.registry`: networks ``mlp``,
-  ``unet``, ``diffusers``; wrappers ``edm``, ``flow``, ``raw``, ``diffusers``, ``shortcut``, ``student``).
+  ``unet``, ``diffusers``; wrappers ``edm``, ``flow``, ``raw``, ``diffusers``, ``shortcut``, ``student``,
+  ``fewstep``: SFD / BOSS students).
   Nothing in the file is imported or called by module path. Extra top-level keys (training provenance,
   ``method``, FD reached, ...) are kept for the model card; ``method.name == "gft"`` marks a GFT model;
 - ``NAME.md``: the model card (config, seed, steps, wall time, FD_digits reached).
