@@ -91,6 +91,12 @@ def test_sample_each_embedded_model(name, tmp_path, capsys):
     assert x.std() > 0.1  # not a constant image
 
 
+def test_demo_refuses_bad_sizes(tmp_path, capsys):
+    assert main(["demo", "--quick", "--t2i-num", "5", "--out", str(tmp_path / "d")]) == 2
+    assert "--t2i-num must be >= 10" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--num", "200", "--no-progress"]) == 0
@@ -105,4 +111,19 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     table = capsys.readouterr().out
-    assert "FD_digits" in table and "NFE" in table
+    assert "FD_digits" in table and "NFE" in table and "prompt acc" in table
+    # Text-to-image: prompts -> digits through each shipped pipeline, its default scheduler vs fastgen's
+    # (DPM++2M on the shipped DP schedule) at NFE 6, from the same latents, against a 30-step reference.
+    from PIL import Image
+
+    for pipe in ("digits-sd", "digits-sd3"):
+        got = {r["family"]: r for r in res["rows"] if r["pipeline"] == pipe}
+        ref, default, ours = got[f"{pipe} reference"], got[f"{pipe} default"], got[f"{pipe} fastgen DP"]
+        assert ref["rmse"] == 0.0 and default["nfe"] == ours["nfe"] == 6
+        # measured (seed 0, 50 samples): digits-sd 0.055 vs 0.113, digits-sd3 0.050 vs 0.143
+        assert 0 < ours["rmse"] < 0.8 * default["rmse"], (pipe, ours["rmse"], default["rmse"])
+        assert min(ref["accuracy"], default["accuracy"], ours["accuracy"]) >= 0.9  # chance: 0.1
+        assert all(np.isfinite(r["fd"]) for r in got.values())
+        assert sum(label.startswith(pipe + " ") for label in res["grid"]) == 3
+    # one 8x8 row (scale 4, 2 px padding) per grid entry, pipelines included
+    assert Image.open(out / "samples.png").size[1] == len(res["grid"]) * (8 * 4 + 2) + 2

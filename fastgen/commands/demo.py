@@ -4,9 +4,14 @@ It samples the embedded class-conditional digits teacher (``digits-edm``) with D
 schedulers (Euler, DPM-Solver++(2M) and UniPC, all on Karras sigmas, driven through
 :mod:`fastgen.samplers.diffusers_bridge` on the same model and noise) and with fastgen's samplers
 (DPM-Solver++(2M) on the AYS-optimized, LD3 and DP schedules shipped for this teacher, Restart, Heun),
-samples the shortcut model and the one-step f-distill student, computes FD_digits against the
-held-out digits for each, prints one table (method, NFE, FD, seconds) and writes
-``demo/samples.png`` (a labelled grid per method), ``demo/nfe_vs_fd.png`` and ``demo/results.json``.
+samples the shortcut model and the one-step f-distill student, and runs text-to-image through the
+shipped pipelines ``digits-sd`` and ``digits-sd3``: prompts "a handwritten digit seven" -> digits with
+the pipeline's default scheduler vs fastgen's (``FastgenScheduler``, DPM-Solver++(2M) on the DP schedule
+learned for the pipeline) at equal low NFE (:mod:`fastgen.commands._demo_pipelines`). It computes
+FD_digits against the held-out digits for each (for the pipelines also the latent trajectory error
+to a reference solve and the prompted-class accuracy), prints one table (method, NFE, FD, seconds,
+RMSE, accuracy) and writes ``demo/samples.png`` (a labelled grid per method), ``demo/nfe_vs_fd.png``
+(the digits teacher) and ``demo/results.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class Row:
     nfe: float
     fd: float
     seconds: float
+    pipeline: str | None = None  # text-to-image rows: the pipeline's name
+    rmse: float | None = None  # text-to-image rows: final-latent RMSE to the reference solve
+    accuracy: float | None = None  # text-to-image rows: digits classifier accuracy on the prompted class
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default="demo", help="output folder")
     p.add_argument("--num", type=int, default=None, help="samples per method (default 899, quick 300)")
+    p.add_argument("--t2i-num", type=int, default=None,
+                   help="text-to-image samples per method and pipeline (default 200, quick 50)")
+    p.add_argument("--no-pipelines", action="store_true", help="skip the text-to-image pipelines")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -87,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     n = args.num if args.num is not None else (300 if args.quick else 899)
     if n < 2:
         raise ValueError(f"--num must be >= 2, got {n}")
+    t2i_n = args.t2i_num if getattr(args, "t2i_num", None) is not None else (50 if args.quick else 200)
+    if t2i_n < 10:
+        raise ValueError(f"--t2i-num must be >= 10 (one prompt per class), got {t2i_n}")
     out.mkdir(parents=True, exist_ok=True)
     device, progress = args.device, not args.no_progress
     available = set(list_models())
@@ -168,8 +182,33 @@ def run(args: argparse.Namespace) -> int:
         record(f"one-step student ({name})", "one-step student", gen_spec(st, SampleSpec("student", "karras", 1)),
                grid=True)
 
+    if not getattr(args, "no_pipelines", False):
+        _pipeline_rows(args, t2i_n, rows, grids, grid_nfe, progress)
     _write_outputs(out, rows, grids, n, time.perf_counter() - t_start)
     return 0
+
+
+def _pipeline_rows(args: argparse.Namespace, t2i_n: int, rows: list[Row], grids: list[tuple[str, torch.Tensor]],
+                   grid_nfe: int, progress: bool) -> None:
+    """Text-to-image through the shipped pipelines: default scheduler vs fastgen's at equal NFE."""
+    from fastgen.commands._demo_pipelines import available_pipelines, run_pipeline
+    from fastgen.metrics import digits_fd
+
+    names, why = available_pipelines()
+    if why:
+        print(why)
+    for name in names:
+        results = run_pipeline(name, t2i_n, [6] if args.quick else [4, 6, 8], args.seed, args.device,
+                               full=not args.quick)
+        for r in results:
+            fd = digits_fd(r.images)
+            rows.append(Row(f"{name}: {r.method}", f"{name} {r.family}", float(r.nfe), float(fd), r.seconds,
+                            pipeline=name, rmse=r.rmse, accuracy=r.accuracy))
+            if r.family == "reference" or (r.nfe == grid_nfe and r.family != "fastgen Karras"):
+                grids.append((f"{name} {r.family} ({r.nfe} NFE) acc {r.accuracy:.2f}", r.images))
+            if progress:
+                print(f"  {rows[-1].method:<38} NFE {r.nfe:>4}  FD {fd:8.3f}  RMSE {r.rmse:.4f}  "
+                      f"acc {r.accuracy:.3f}  {r.seconds:6.2f}s", flush=True)
 
 
 def _write_outputs(out: Path, rows: list[Row], grids: list[tuple[str, torch.Tensor]], n: int, total: float) -> None:
@@ -178,16 +217,20 @@ def _write_outputs(out: Path, rows: list[Row], grids: list[tuple[str, torch.Tens
     from fastgen.metrics import digits_fd
 
     real_fd = digits_fd(load_digits_split("train").images[:n])
-    header = f"{'method':<40} {'NFE':>5} {'FD_digits':>10} {'seconds':>8}"
+    w = max(40, *(len(r.method) + 1 for r in rows))
+    header = f"{'method':<{w}} {'NFE':>5} {'FD_digits':>10} {'seconds':>8} {'latent RMSE':>12} {'prompt acc':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.method:<40} {r.nfe:>5g} {r.fd:>10.3f} {r.seconds:>8.2f}")
-    lines.append(f"{'real digits (train split, same n)':<40} {'-':>5} {real_fd:>10.3f} {'-':>8}")
+        extra = "" if r.pipeline is None else f" {r.rmse:>12.4f} {r.accuracy:>10.3f}"
+        lines.append(f"{r.method:<{w}} {r.nfe:>5g} {r.fd:>10.3f} {r.seconds:>8.2f}{extra}")
+    lines.append(f"{'real digits (train split, same n)':<{w}} {'-':>5} {real_fd:>10.3f} {'-':>8}")
+    if any(r.pipeline for r in rows):
+        lines.append("(pipelines: FD over their own sample count; latent RMSE to the pipeline's reference row)")
     table = "\n".join(lines)
     print(table)
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        if r.family != "reference":
+        if r.family != "reference" and r.pipeline is None:
             series.setdefault(r.family, []).append((r.nfe, r.fd))
     ref = next((r.fd for r in rows if r.family == "reference"), None)
     hlines = {"real data": real_fd, **({"teacher 35 NFE": ref} if ref is not None else {})}
@@ -195,6 +238,7 @@ def _write_outputs(out: Path, rows: list[Row], grids: list[tuple[str, torch.Tens
               size=(900, 520), hlines=hlines)
     labelled_grid(grids, out / "samples.png")
     (out / "results.json").write_text(json.dumps(
-        {"num_samples": n, "real_fd": real_fd, "total_seconds": total, "rows": [asdict(r) for r in rows]}, indent=1))
+        {"num_samples": n, "real_fd": real_fd, "total_seconds": total, "rows": [asdict(r) for r in rows],
+         "grid": [label for label, _ in grids]}, indent=1))
     (out / "table.txt").write_text(table + "\n")
     print(f"wrote {out / 'samples.png'}, {out / 'nfe_vs_fd.png'}, {out / 'results.json'} ({total:.1f} s)")
