@@ -76,6 +76,7 @@ for _d, _dn in TABLE_DIVS.items():
     for _m, (_mn, _method) in TABLE_METHODS.items():
         VARIANTS[f"ring-{_d.replace(':', '')}-{_m}"] = (
             "ring", f"{_mn}, {_dn}", [f"method.name={_method}", f"method.divergence={_d}"])
+VARIANTS["ring-linbins"] = ("ring", "f-distill JS + FastGen's raw-sigma ratio bins", ["method.ratio_bin_space=linear"])
 
 
 def _overrides(bed: str, extra: list[str], seed: int, steps: int, out: Path) -> list[str]:
@@ -144,6 +145,26 @@ def digits_metrics(x: torch.Tensor, seed: int) -> dict[str, float]:
     for k in ("fd_data", "prec", "rec", "div"):
         out[f"{k}_ratio"] = out[f"{k}_student"] / out[f"{k}_teacher"]
     return out
+
+
+INIT_SIGMAS = (80.0, 10.0, 5.0, 2.5, 1.5, 1.0)
+
+
+def init_table(seed: int = 0) -> str:
+    """The untrained student ``x = D_teacher(sigma z, sigma)`` (a teacher copy, step 0) per student sigma:
+    how much of the teacher's within-class diversity and coverage it starts with."""
+    from fastgen.models import load_model
+
+    den = load_model("digits-edm").denoiser
+    labels = torch.arange(NUM) % 10
+    rows = []
+    for s in INIT_SIGMAS:
+        with torch.no_grad():
+            x = den(_noise(seed) * s, torch.full((NUM,), s), class_labels=labels).clamp(-1, 1)
+        m = digits_metrics(x, seed)
+        rows.append([f"{s:g}", f"{m['div_ratio']:.2f}", f"{m['rec_vs_teacher']:.3f}", f"{m['fd_data_student']:.2f}"])
+    return markdown_table(["student sigma", "within-class diversity / teacher", "recall vs teacher samples",
+                           "FD_digits to data"], rows)
 
 
 def digits_eval(student, seed: int) -> dict[str, float]:
@@ -261,8 +282,8 @@ def digits_table(runs: dict, names: list[str] | None = None) -> str:
 def ring_table(runs: dict) -> str:
     rows = []
     for (name, steps), res in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if name.startswith("ring-") and name[5:].rsplit("-", 1)[-1] in TABLE_METHODS:
-            continue  # the equal-budget table
+        if name.startswith("ring-") and name[5:].rsplit("-", 1)[-1] in TABLE_METHODS and name != "ring-js-fd":
+            continue  # the equal-budget table (its JS f-distill cell is the reference: log-sigma bins)
         what = VARIANTS[name][1] if name in VARIANTS else name
         col = {k: [r[k] for r in res] for k in res[0]}
         excess = [r["tv"] - r["tv_teacher"] for r in res]
@@ -317,6 +338,8 @@ def report() -> Path:
         "ratios are student / teacher per seed, then averaged. Recall/precision: k-NN (k=3, pixels) "
         "against the 899 held-out digits.",
         "### Digits\n\n" + digits_table(collect("digits")),
+        "**The student at step 0** (a teacher copy evaluated once at the student sigma, seed 0, no training):\n\n"
+        + init_table(),
     ]
     ring = collect("ring")
     if ring_table(ring):
