@@ -17,13 +17,14 @@ digits, kernel width 0.25) and a 16-d random Gaussian mixture (6 modes, stds 0.2
   (a selection in Diffusers' favour).
 
 Error = endpoint RMSE to the dopri5 reference (rtol 1e-5) from the same noises. Means over seeds with
-95% t-intervals. FD_digits at NFE 4 on 900 noises vs the converged teacher (the reference ODE
+95% t-intervals. FD_digits at NFE 4 on 600 noises vs the converged teacher (the reference ODE
 samples of the same noises). Run: ``python benchmarks/bench_schedules.py`` (``--quick``: smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import markdown_table, write_section  # noqa: E402
+from benchmarks.common import RESULTS, markdown_table, write_section  # noqa: E402
 from fastgen.commands.schedule import TestBed, load_testbed  # noqa: E402
 from fastgen.core.ode import reference_solve  # noqa: E402
 from fastgen.core.solvers import SOLVERS  # noqa: E402
@@ -44,6 +45,9 @@ from fastgen.samplers.ays import for_solver, ode_validator, optimize_ays  # noqa
 from fastgen.samplers.ld3 import LD3Options  # noqa: E402
 
 NFES = (4, 6, 8, 10)
+BEDS_DIR = RESULTS / "schedules_beds"
+#: (fit, selection, eval noises, LD3 iterations) per bed: the neural teacher is the costly one on CPU.
+SIZES = {"digits-edm": (48, 64, 150, 30), "digits-empirical": (64, 96, 300, 50), "random16-mixture": (64, 96, 300, 50)}
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 #: Diffusers scheduler configurations: name -> (class name, extra config).
 DIFFUSERS = {
@@ -135,14 +139,14 @@ def bench_seed(bed: TestBed, seed: int, args: argparse.Namespace, fd: bool) -> d
     ec = _cond(ev_l)
     ref = reference_solve(den, ev * SIGMA_MAX, SIGMA_MAX, **ec)
     out: dict[str, Any] = {"fastgen": {}, "ays": {}, "diffusers": {}, "seconds": {}}
+    # AYS validates on the selection noises too (the same budget of unseen noises as auto's choice)
+    sel_ref = reference_solve(den, sel * SIGMA_MAX, SIGMA_MAX, **_cond(sel_l))
     t0 = time.perf_counter()
     bests = auto_schedules(den, NFES, fit, sel, methods=("karras", "loglinear", "dp", "ld3"),
                            sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, dp_options={"grid_size": args.grid},
                            ld3_options=LD3Options(iterations=args.ld3_iterations), generator=g,
-                           held_out_cond=_cond(sel_l), **_cond(fit_l))
+                           held_out_cond=_cond(sel_l), held_out_reference=sel_ref, **_cond(fit_l))
     out["seconds"]["auto"] = [time.perf_counter() - t0]
-    # AYS validates on the selection noises too (the same budget of unseen noises as auto's choice)
-    sel_ref = reference_solve(den, sel * SIGMA_MAX, SIGMA_MAX, **_cond(sel_l))
     for nfe in NFES:
         best = bests[nfe]
         with torch.no_grad():
@@ -170,15 +174,19 @@ def bench_seed(bed: TestBed, seed: int, args: argparse.Namespace, fd: bool) -> d
                 label = f"{name}{' Karras' if karras else ''}"
                 out["diffusers"].setdefault(nfe, {})[label] = _rmse(run_diffusers(name, karras, den, ev, nfe, ec), ref)
         if fd and nfe == 4:
-            out["fd"] = _fd_at_4(bed, best, g)
+            out["fd"], out["fd_noise"] = _fd_at_4(bed, best, g, args.fd_noise), args.fd_noise
+    for nfe in NFES:
+        print(f"  nfe {nfe}: fastgen {out['fastgen'][nfe][0]:.4f} ({out['fastgen'][nfe][1]}), ays "
+              f"{out['ays'][nfe][0]:.4f} ({out['ays'][nfe][1]}), best diffusers "
+              f"{min(out['diffusers'][nfe].values()):.4f}", flush=True)
     return out
 
 
-def _fd_at_4(bed: TestBed, best: Any, g: torch.Generator) -> tuple[float, float]:
-    """FD_digits of the NFE-4 winner and of the converged teacher (reference ODE) on the same 900 noises."""
+def _fd_at_4(bed: TestBed, best: Any, g: torch.Generator, n: int) -> tuple[float, float]:
+    """FD_digits of the NFE-4 winner and of the converged teacher (reference ODE) on the same ``n`` noises."""
     from fastgen.metrics.digits import digits_fd
 
-    z, labels = bed.noise(900, g)
+    z, labels = bed.noise(n, g)
     c = _cond(labels)
     with torch.no_grad():
         teacher = reference_solve(bed.denoiser, z * SIGMA_MAX, SIGMA_MAX, **c)
@@ -232,15 +240,15 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any
     sec = {k: [v for r in runs for v in r["seconds"].get(k, [])] for k in ("ays", "ld3", "auto")}
     text += ("\n\nOptimisation time per schedule (s, mean / max over solvers, NFEs and seeds): "
              + "; ".join(f"{k} {statistics.fmean(v):.2f} / {max(v):.2f}" for k, v in sec.items() if v)
-             + " (auto: the whole search for one NFE, every solver and method).")
+             + " (auto: the whole search, all four NFEs, every solver and method).")
     verdict["seconds"] = {k: statistics.fmean(v) for k, v in sec.items() if v}
     if "fd" in runs[0]:
         fast = [r["fd"][0] for r in runs]
         teach = [r["fd"][1] for r in runs]
         rel = [a / b for a, b in zip(fast, teach)]
         verdict["fd"] = _ci(rel)
-        text += (f"\n\nFD_digits at NFE 4 (900 noises): fastgen winner {_fmt(fast)}, converged teacher "
-                 f"(reference ODE, same noises) {_fmt(teach)}; ratio **{_fmt(rel)}** (target <= 1.10).")
+        text += (f"\n\nFD_digits at NFE 4 ({runs[0]['fd_noise']} noises): fastgen winner {_fmt(fast)}, converged "
+                 f"teacher (reference ODE, same noises) {_fmt(teach)}; ratio **{_fmt(rel)}** (target <= 1.10).")
     return text, verdict
 
 
@@ -270,32 +278,46 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     q = args.quick
-    args.fit, args.select, args.eval = (8, 8, 16) if q else (48, 64, 200)
-    args.grid, args.ld3_iterations = (12, 3) if q else (40, 40)
+    args.fd_noise, args.grid = (64, 12) if q else (600, 40)
     args.ays_iterations, args.ays_samples = (1, 8) if q else (2, 32)
     seeds = 1 if q else args.seeds
-    t_all = time.perf_counter()
     beds = {"digits-edm": lambda: load_testbed("digits-edm"),
             "digits-empirical": lambda: load_testbed("digits-empirical"), "random16-mixture": mixture_bed}
-    body = [__doc__.split("\n\n", 1)[1].rsplit("Run:", 1)[0].strip(),
-            f"Sizes: {args.fit} fit / {args.select} selection / {args.eval} eval noises per seed, {seeds} seeds; "
-            f"DP grid {args.grid}; LD3 {args.ld3_iterations} iterations; AYS {args.ays_iterations} sweeps, "
-            f"{args.ays_samples} KLUB samples, validated on the selection noises; {args.threads} thread(s)."]
-    verdicts = {}
+    body = [__doc__.split("\n\n", 1)[1].rsplit("Run:", 1)[0].strip(), ""]
     for name in args.beds.split(","):
-        bed = beds[name]()
+        args.fit, args.select, args.eval, args.ld3_iterations = (8, 8, 16, 3) if q else SIZES[name]
+        body[1] = (f"{args.fit} fit / {args.select} selection / {args.eval} eval noises per seed; DP grid "
+                   f"{args.grid}; LD3 {args.ld3_iterations} iterations; AYS {args.ays_iterations} sweeps, "
+                   f"{args.ays_samples} KLUB samples, validated on the selection noises; {args.threads} thread(s)")
+        bed, t_bed = beds[name](), time.perf_counter()
         runs = []
         for seed in range(seeds):
             t0 = time.perf_counter()
             runs.append(bench_seed(bed, seed, args, fd=name == "digits-edm"))
             print(f"[{name}] seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
-        text, verdicts[name] = summarise(name, runs)
-        body.append(f"### {name}\n\n{text}")
-    body.insert(2, "**Gate (means over seeds):**\n\n" + _claims(verdicts))
-    body.append(f"Total benchmark wall time: {time.perf_counter() - t_all:.0f} s.")
-    print(_claims(verdicts))
-    if q:  # a smoke run does not overwrite the measured section
+        text, verdict = summarise(name, runs)
+        per_nfe = {k: {str(n): list(x) for n, x in verdict[k].items()} for k in ("fastgen", "ays")}
+        chunk = {"text": text, "verdict": {**verdict, **per_nfe}, "sizes": body[1], "seeds": seeds,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "wall_s": round(time.perf_counter() - t_bed)}
+        if not q:  # one file per bed, so beds can be (re)measured in separate jobs
+            BEDS_DIR.mkdir(parents=True, exist_ok=True)
+            (BEDS_DIR / f"{name}.json").write_text(json.dumps(chunk, indent=1))
+        print(f"[{name}]\n{text}", flush=True)
+    if q:
         return 0
+    verdicts = {}
+    for name in beds:
+        f = BEDS_DIR / f"{name}.json"
+        if f.is_file():
+            chunk = json.loads(f.read_text())
+            v = chunk["verdict"]
+            verdicts[name] = {**v, **{k: {int(n): tuple(x) for n, x in v[k].items()} for k in ("fastgen", "ays")}}
+            body.append(f"### {name}\n\n_{chunk['seeds']} seeds, measured {chunk['date']} "
+                        f"({chunk['wall_s']} s); {chunk['sizes']}_\n\n{chunk['text']}")
+    body.insert(1, "**Gate (means over seeds):**\n\n" + _claims(verdicts))
+    del body[2]  # the sizes line lives with each bed
+    print(_claims(verdicts))
     write_section("schedules", "Schedule gate: fastgen schedule + solver and AYS vs the best Diffusers scheduler",
                   "\n\n".join(body))
     return 0

@@ -44,3 +44,23 @@ def test_auto_schedule_bad_input():
         auto_schedule(den, 4, x, x, methods=["magic"])
     with pytest.raises(ValueError, match="held_out"):
         auto_schedule(den, 4, x, x[:1])
+
+
+def test_auto_schedules_every_nfe_from_one_pass_equals_single_calls():
+    from fastgen.samplers.auto import auto_schedules
+
+    den = ring_mixture().denoiser()
+    g = torch.Generator().manual_seed(4)
+    fit = torch.randn(16, 2, generator=g, dtype=torch.float64)
+    held = torch.randn(24, 2, generator=g, dtype=torch.float64)
+    kw = {"solvers": ["euler", "ipndm", "unipc3"], "dp_options": {"grid_size": 16}, "sigma_min": 0.002,
+          "sigma_max": 80.0}
+    ref = reference_solve(den, held * 80.0, 80.0, 0.0)
+    many = auto_schedules(den, [4, 6], fit, held, held_out_reference=ref, **kw)
+    for nfe in (4, 6):
+        one = auto_schedule(den, nfe, fit, held, **kw)
+        a, b = many[nfe].meta["auto"]["ranking"], one.meta["auto"]["ranking"]
+        assert [r[:2] for r in a] == [r[:2] for r in b]
+        assert [r[2] for r in a] == pytest.approx([r[2] for r in b], rel=1e-12)
+        assert torch.equal(many[nfe].sigmas, one.sigmas) and many[nfe].solver == one.solver
+        assert many[nfe].num_evals() <= nfe

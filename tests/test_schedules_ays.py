@@ -128,3 +128,31 @@ def test_kl_optimal_gaussian_arctan_midpoint_rule():
     a = torch.atan(t / C)
     assert torch.allclose(a[1:-1], 0.5 * (a[:-2] + a[2:]), atol=1e-12)
     assert float(kl_optimal_gaussian(2, 0.1, 1.0, C)[1]) == pytest.approx(0.382, abs=1e-3)
+
+
+def test_early_stopping_along_the_path_never_loses_to_its_start():
+    """With a validator the result scores no worse than the better of Karras and log-linear (the "auto"
+    start) and no worse than any point the refinement path passed through at the scored fractions."""
+    from fastgen.core.schedules import karras as karras_sigmas
+    from fastgen.core.schedules import loglinear
+
+    den = GaussianMixtureDenoiser(torch.ones(2) / 2, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]),
+                                  stds=torch.tensor([0.3, 0.3]))
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(400, 2, generator=g, dtype=torch.float64) * 0.3 + torch.tensor([1.0, 0.0])
+    seen = []
+
+    def validate(knots):  # a stand-in score: distance of log-knots from a fixed target schedule
+        target = loglinear(5, 0.01, 20.0)[:-1].log()
+        score = float((knots.log() - target).abs().sum())
+        seen.append(score)
+        return score
+
+    s = optimize_ays(den, data, n=4, iterations=2, num_samples=32, validate=validate, generator=g,
+                     progress=False, sigma_min=0.01, sigma_max=20.0)
+    starts = [validate(karras_sigmas(5, 0.01, 20.0)[:-1]), validate(loglinear(5, 0.01, 20.0)[:-1])]
+    assert s.meta["init"] == "loglinear"  # the target is log-linear: it wins the start
+    best = validate(s.sigmas)
+    assert best <= min(starts) + 1e-12 and best == pytest.approx(min(seen[:-3]), abs=1e-12)
+    rec = [h for h in s.meta["history"] if "best_score" in h][-1]
+    assert rec["best_score"] == pytest.approx(best, abs=1e-12) and rec["path_length"] == 4

@@ -113,11 +113,12 @@ def auto_schedules(
     generator: torch.Generator | None = None,
     model_id: str | None = None,
     held_out_cond: dict[str, Any] | None = None,
+    held_out_reference: torch.Tensor | None = None,
     **cond: Any,
 ) -> dict[int, Schedule]:
     """:func:`auto_schedule` for several NFE budgets at once: ``{nfe: winner}``. One reference solve of
     the held-out noises, one of the fitting noises (LD3's teacher) and one DP teacher pass per solver
-    serve every NFE."""
+    serve every NFE. ``held_out_reference``: the exact endpoints of ``held_out`` if already solved."""
     t0 = time.perf_counter()
     solvers = list(SOLVERS) if solvers is None else list(solvers)
     unknown = [s for s in solvers if s not in SOLVERS] + [m for m in methods if m not in METHODS]
@@ -133,7 +134,8 @@ def auto_schedules(
     lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
     hcond = cond if held_out_cond is None else held_out_cond
     with torch.no_grad():
-        reference = reference_solve(denoiser, held_out * hi, hi, 0.0, **hcond)
+        reference = (reference_solve(denoiser, held_out * hi, hi, 0.0, **hcond) if held_out_reference is None
+                     else held_out_reference)
         targets = reference_solve(denoiser, noise * hi, hi, 0.0, **cond) if "ld3" in methods else None
     scored: dict[int, list[tuple[float, str, Schedule]]] = {n: [] for n in nfes}
     for solver in solvers:
