@@ -127,25 +127,28 @@ DISTILL_CFG = {
 }
 
 
-def distill_its(steps: int = 20, warmup: int = 4) -> float:
+def distill_its(steps: int = 20, warmup: int = 4) -> tuple[float, float]:
     """Optimizer steps per second of f-distill (ring JS, ResidualMLP 128x3, batch 256, 1 thread) with
-    whatever ``fastgen`` is on ``PYTHONPATH`` (so the same function times two checkouts)."""
+    whatever ``fastgen`` is on ``PYTHONPATH`` (so the same function times two checkouts): per wall-clock
+    second and per second of this process's CPU time (one thread: the work done, whatever else the shared
+    machine runs meanwhile)."""
     import fastgen.distill  # noqa: F401  (registers fdistill)
 
     with tempfile.TemporaryDirectory() as out:
         tr = Trainer(config_from_dict({**DISTILL_CFG, "output_dir": out}))
         for _ in range(warmup):
             tr.train_step()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             tr.train_step()
-        return steps / (time.perf_counter() - t)
+        return steps / (time.perf_counter() - t), steps / (time.process_time() - c)
 
 
-def compare_checkouts(before: str, after: str, repeats: int = 7, steps: int = 20) -> None:
+def compare_checkouts(before: str, after: str, repeats: int = 7, steps: int = 30) -> None:
     """Time :func:`distill_its` alternately in two source trees (fresh processes, interleaved so drift
     of the shared CPU hits both) and write ``benchmarks/results/training_throughput.md``."""
     import json
+    import math
     import os
     import statistics
     import subprocess
@@ -155,32 +158,43 @@ def compare_checkouts(before: str, after: str, repeats: int = 7, steps: int = 20
     here = Path(__file__).resolve()
     code = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
             "import importlib.util as u; s = u.spec_from_file_location('b', sys.argv[2]); m = u.module_from_spec(s); "
-            "s.loader.exec_module(m); print(m.distill_its(int(sys.argv[3])))")
-    res: dict[str, list[float]] = {"before": [], "after": []}
+            "s.loader.exec_module(m); print(*m.distill_its(int(sys.argv[3])))")
+    res: dict[str, dict[str, list[float]]] = {"before": {"wall": [], "cpu": []}, "after": {"wall": [], "cpu": []}}
     for _ in range(repeats):
         for name, tree in (("before", before), ("after", after)):
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tree}
             r = subprocess.run([sys.executable, "-c", code, tree, str(here), str(steps)], env=env,
                                capture_output=True, text=True, check=True)
-            res[name].append(float(r.stdout.strip().splitlines()[-1]))
-            print(name, res[name][-1], flush=True)
+            wall, cpu = (float(v) for v in r.stdout.strip().splitlines()[-1].split())
+            res[name]["wall"].append(wall)
+            res[name]["cpu"].append(cpu)
+            print(name, wall, cpu, flush=True)
 
-    def ci(v: list[float]) -> tuple[float, float]:
+    t975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+    def ci(v: list[float]) -> str:
         m = statistics.fmean(v)
-        half = 2.447 * statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan")  # t(0.975, 6)
-        return m, half
+        half = t975.get(len(v), 2.0) * statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan")
+        return f"{m:.2f} +- {half:.2f}"
 
-    (mb, hb), (ma, ha) = ci(res["before"]), ci(res["after"])
-    rows = [["before", f"{mb:.2f} +- {hb:.2f}", len(res["before"])],
-            ["after", f"{ma:.2f} +- {ha:.2f}", len(res["after"])]]
+    def paired(kind: str) -> str:  # geometric mean of the per-repeat after/before ratios, 95% interval
+        logs = [math.log(a / b) for a, b in zip(res["after"][kind], res["before"][kind])]
+        m = statistics.fmean(logs)
+        half = t975.get(len(logs), 2.0) * statistics.stdev(logs) / len(logs) ** 0.5
+        return f"{math.exp(m):.3f} [{math.exp(m - half):.3f}, {math.exp(m + half):.3f}]"
+
+    rows = [[k, ci(res["before"][k]), ci(res["after"][k]), paired(k)] for k in ("cpu", "wall")]
     body = (
         "f-distill (ring mixture, JS, placement input, ResidualMLP 128x3 student and fake score), batch 256, "
         f"fp32, 1 CPU thread, `Trainer.train_step` timed over {steps} steps after 4 warm-up steps, "
-        f"{repeats} fresh processes per checkout, interleaved (the 2 CPU cores are shared with other jobs). "
-        "Mean +- the 95% t-interval half-width (t = 2.447 for 7 repeats).\n\n"
+        f"{repeats} fresh processes per checkout, interleaved (the 2 CPU cores are shared with other jobs, "
+        "so wall-clock rates swing with the load; the per-CPU-second rate counts the work one thread did). "
+        f"Mean +- the 95% t-interval half-width over {repeats} repeats; *after / before* is the geometric mean "
+        "of the paired per-repeat ratios with its 95% interval.\n\n"
         f"- before: `{before}`\n- after: `{after}`\n\n"
-        + markdown_table(["checkout", "optimizer steps/s", "repeats"], rows)
-        + f"\n\nafter / before = {ma / mb:.3f}.\n\nRaw: `{json.dumps(res)}`\n"
+        + markdown_table(["optimizer steps per", "before", "after", "after / before"],
+                         [["CPU second" if r[0] == "cpu" else "wall second", *r[1:]] for r in rows])
+        + f"\n\nRaw: `{json.dumps(res)}`\n"
     )
     from benchmarks.common import assemble
 

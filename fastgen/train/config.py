@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from fastgen.data.registry import check_options as check_data_options
+from fastgen.train.accel import FROZEN_SHARDING, PRECISIONS
 
 __all__ = [
     "DataConfig",
@@ -118,8 +119,8 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, ">= 1"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
-            ("mixed_precision", self.mixed_precision in ("no", "fp16", "bf16"), "'no', 'fp16' or 'bf16'"),
-            ("frozen_sharding", self.frozen_sharding in ("replicate", "shard"), "'replicate' or 'shard'"),
+            ("mixed_precision", self.mixed_precision in PRECISIONS, "'no', 'fp16' or 'bf16'"),
+            ("frozen_sharding", self.frozen_sharding in FROZEN_SHARDING, "'replicate' or 'shard'"),
             ("ema.decay", 0 <= self.ema.decay < 1, "in [0, 1)"),
             ("ema.every", self.ema.every >= 1, ">= 1"),
             ("optim.lr", self.optim.lr > 0, "> 0"),
