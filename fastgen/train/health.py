@@ -1,4 +1,5 @@
-"""Training health: the divergence error, the explosion bound and the start-up check of optimizer settings."""
+"""Training health: the divergence error, the explosion bound, and the optimizer settings (per-optimizer
+merge, start-up check, learning-rate schedule)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainingDiverged", "validate_optim", "unhealthy", "DEFAULT_EXPLODE_BOUND"]
+__all__ = ["TrainingDiverged", "validate_optim", "optim_settings", "scheduled_lr", "unhealthy", "DEFAULT_EXPLODE_BOUND"]
 
 DEFAULT_EXPLODE_BOUND = 1e8  # |loss| or pre-clip grad norm beyond this stops the run (optim.explode_bound)
 
@@ -34,6 +35,35 @@ def validate_optim(name: str, o: Mapping[str, Any]) -> None:
     for key, ok, accepted in checks:
         if not ok:
             raise ValueError(f"{where}: {key} must be {accepted}, got {o[key]!r}")
+
+
+def optim_settings(o: Any, name: str) -> dict[str, Any]:
+    """The settings of optimizer ``name``: the ``optim`` section (an ``OptimConfig``) overridden by
+    ``optim.groups[name]``, validated (:func:`validate_optim`)."""
+    base = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay,
+            "warmup_steps": o.warmup_steps, "grad_clip": o.grad_clip, "decay_start": o.decay_start,
+            "decay_end": o.decay_end, "final_lr_ratio": o.final_lr_ratio,
+            "explode_bound": getattr(o, "explode_bound", DEFAULT_EXPLODE_BOUND)}
+    over = dict(o.groups.get(name, {}))
+    unknown = sorted(set(over) - set(base))
+    if unknown:
+        raise ValueError(f"optim.groups.{name}: unknown key(s) {unknown}; accepted: {sorted(base)}")
+    base.update(over)
+    validate_optim(name, base)
+    return base
+
+
+def scheduled_lr(o: Mapping[str, Any], step: int) -> float:
+    """The learning rate at (0-based) ``step`` for settings ``o``: linear warm-up over ``warmup_steps``,
+    constant, then an optional linear decay between ``decay_start`` and ``decay_end`` to
+    ``lr * final_lr_ratio``."""
+    w = int(o["warmup_steps"])
+    lr = float(o["lr"]) * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
+    a, b = o["decay_start"], o["decay_end"]
+    if a is not None and b is not None and step > a:
+        frac = min(1.0, (step - a) / (b - a))
+        lr *= 1.0 - frac * (1.0 - float(o["final_lr_ratio"]))
+    return lr
 
 
 def unhealthy(losses: Mapping[str, float], norms: Mapping[str, float],

@@ -60,7 +60,7 @@ from fastgen.train.accel import (
 from fastgen.train.batches import build_dataset, global_indices, shard_seed
 from fastgen.train.config import TrainConfig, save_config
 from fastgen.train.ema import make_ema
-from fastgen.train.health import DEFAULT_EXPLODE_BOUND, TrainingDiverged, unhealthy, validate_optim
+from fastgen.train.health import DEFAULT_EXPLODE_BOUND, TrainingDiverged, optim_settings, scheduled_lr, unhealthy
 from fastgen.train.method import Method, build_method
 from fastgen.train.trainer_state import CheckpointMixin
 
@@ -214,32 +214,12 @@ class Trainer(CheckpointMixin):
 
     # ------------------------------------------------------------------------------------------
     def _optim_settings(self, name: str) -> dict[str, Any]:
-        o = self.cfg.optim
-        base = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay,
-                "warmup_steps": o.warmup_steps, "grad_clip": o.grad_clip, "decay_start": o.decay_start,
-                "decay_end": o.decay_end, "final_lr_ratio": o.final_lr_ratio,
-                "explode_bound": getattr(o, "explode_bound", DEFAULT_EXPLODE_BOUND)}
-        over = dict(o.groups.get(name, {}))
-        unknown = sorted(set(over) - set(base))
-        if unknown:
-            raise ValueError(f"optim.groups.{name}: unknown key(s) {unknown}; accepted: {sorted(base)}")
-        base.update(over)
-        validate_optim(name, base)
-        return base
+        return optim_settings(self.cfg.optim, name)
 
     def lr_at(self, name: str, step: int) -> float:
-        """Learning rate of optimizer ``name`` at (0-based) step ``step``: linear warm-up, constant, then
-        an optional linear decay between ``decay_start`` and ``decay_end``."""
-        o = self._optim_settings(name)
-        w = int(o["warmup_steps"])
-        lr = float(o["lr"]) * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
-        a, b = o["decay_start"], o["decay_end"]
-        if a is not None and b is not None and step > a:
-            frac = min(1.0, (step - a) / (b - a))
-            lr *= 1.0 - frac * (1.0 - float(o["final_lr_ratio"]))
-        return lr
+        """Learning rate of optimizer ``name`` at (0-based) ``step`` (see ``health.scheduled_lr``)."""
+        return scheduled_lr(self._optim_settings(name), step)
 
-    # ------------------------------------------------------------------------------------------
     # ------------------------------------------------------------------------------------------
     def _all_params(self) -> list[nn.Parameter]:
         """Every parameter of every trainable network (listed once, after ``prepare``)."""
