@@ -56,6 +56,10 @@ def make_scaler(accelerator: Any, precision: str) -> Any | None:
     kwargs = handler.to_kwargs() if handler is not None else {}
     if accelerator.device.type == "cpu":
         return torch.amp.GradScaler("cpu", **kwargs)
+    if is_fsdp(accelerator):  # FSDP2 (the trainer's only FSDP) uses the plain scaler, as accelerate does
+        from accelerate.utils import get_fsdp2_grad_scaler
+
+        return get_fsdp2_grad_scaler(device=accelerator.device.type, **kwargs)
     return get_grad_scaler(accelerator.distributed_type, **kwargs)
 
 
