@@ -69,7 +69,8 @@ def main() -> None:
 digits classifier's features against the 899 held-out digits; the real train split gives
 FD {res['real_fd']:.3f} at the same n. Diffusers' schedulers run on the same teacher through
 `fastgen.samplers.diffusers_bridge` (a VP table spanning the teacher's sigma range). Total time
-{res['total_seconds']:.0f} s.
+{res['total_seconds']:.0f} s (seconds are wall time on a shared machine that other jobs may load:
+compare them within one run only).
 
 {table}
 
