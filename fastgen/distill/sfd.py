@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -133,7 +133,6 @@ class _Chain:
     cond: dict[str, Any]
     x: torch.Tensor
     pos: int
-    labels: torch.Tensor | None = field(default=None)
 
 
 class SFD:
