@@ -80,7 +80,7 @@ tr = Trainer(cfg, accelerator=acc)
 print(f"RANK {tr.rank} OF {tr.world}", flush=True)
 print("PREPARED", sorted({type(m).__name__ for m in tr.prepared.values()}),
       sorted({type(p).__name__ for ps in tr.opt_params.values() for p in ps}),
-      sorted({type(m).__name__ + ":" + type(next(m.parameters())).__name__ for m in tr.method.frozen().values()}),
+      sorted({type(m).__name__ + ":" + type(next(m.parameters(), None)).__name__ for m in tr.method.frozen().values()}),
       flush=True)
 tr.train()
 tensors = tr.state_tensors()  # every process (FSDP gathers shards)
