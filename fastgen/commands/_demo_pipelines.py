@@ -102,7 +102,7 @@ def run_pipeline(name: str, n: int, nfes: list[int], seed: int, device: str, ful
         return lat.float().cpu(), time.perf_counter() - t0
 
     def result(method: str, family: str, nfe: int, lat: torch.Tensor, secs: float, ref: torch.Tensor) -> T2IResult:
-        img = m.decode(lat)
+        img = m.decode(lat.to(device)).float().cpu()
         acc = float((digits_logits(img).argmax(1) == labels).float().mean())
         rmse = float(((lat.double() - ref.double()) ** 2).mean().sqrt())
         return T2IResult(method, family, nfe, img, rmse, acc, secs)
