@@ -302,6 +302,13 @@ if pytest is not None:
         res = json.loads(report.read_text())
         assert [r["ok"] for r in res] == [True, False] and res[1]["line"] == 6
         assert "x is 2" in res[1]["error"] and f"{doc}\", line 7" in res[1]["error"]
+        # CLI lines: `fastgen ...` in process (argparse's exit 0 is success), other `python ...` as a subprocess
+        # with the line's NAME=value environment; a non-zero exit names its code.
+        doc.write_text("```console\n$ fastgen --version\nfastgen 0.x\n"
+                       "$ CODE=3 python -c 'import os, sys; sys.exit(int(os.environ[\"CODE\"]))'\n```\n")
+        assert run_file(doc, report) == 1
+        res = json.loads(report.read_text())
+        assert [(r["line"], r["ok"]) for r in res] == [(2, True), (4, False)] and "exit code 3" in res[1]["error"]
 
 
 if __name__ == "__main__":
