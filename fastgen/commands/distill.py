@@ -7,7 +7,7 @@ through ``load_model`` / ``fastgen sample --model`` like one-step students.
 After training, the EMA student is written to ``<output_dir>/student.safetensors`` + ``student.json``
 (load with :func:`fastgen.distill.load_student` or wrap in :class:`fastgen.distill.OneStepPipeline`);
 ``--export NAME`` also writes it into the model zoo folder as ``NAME`` (``fastgen.models.load(NAME)``).
-For digits data, ``--eval N`` reports FD_digits of N one-step samples.
+For digits data or digits-shaped students, ``--eval N`` reports FD_digits of N student samples.
 
 Multi-process: ``accelerate launch --num_processes 2 [--cpu] -m fastgen.cli distill CONFIG``.
 """
@@ -28,8 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distill",
         help="distill a student (f-distill / DMD2 one-step, SFD few-step, BOSS straightening) from a shipped "
         "config NAME or a YAML path",
-        description="Train a one-step student by f-divergence distribution matching with fastgen's trainer. "
-        "Re-running resumes from the latest checkpoint in output_dir.",
+        description="Train a student with fastgen's trainer: a one-step student by f-divergence distribution "
+        "matching (method fdistill), an SFD few-step student (sfd: digits-sfd, digits-sfd-v) or a BOSS-straightened "
+        "model on its DP Euler schedule (boss: digits-boss). Re-running resumes from the latest checkpoint in "
+        "output_dir.",
     )
     add_config_arguments(p, "distill", "digits-js")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
