@@ -302,7 +302,7 @@ def equal_budget_table(runs: dict) -> str:
             hits = [(k, v) for k, v in runs.items() if k[0] == f"ring-{d.replace(':', '')}-{m}"]
             if not hits:
                 continue
-            (_, steps), res = max(hits, key=lambda kv: len(kv[1]))
+            (_, steps), res = max(hits, key=lambda kv: (len(kv[1]), kv[0][1]))
             col = {k: [r[k] for r in res] for k in res[0]}
             teacher = teacher or res  # the teacher depends on the seed only
             rows.append([dn, mn, steps, len(res), _cell(col["fd_data"]), _cell(col["fd_teacher"]),
@@ -320,11 +320,15 @@ def equal_budget_table(runs: dict) -> str:
     verdicts = []
     for m, (mn, _) in TABLE_METHODS.items():
         rec = {d: mean_ci(v) for d, mm, v in claim if mm == m}
+        nseeds = {d: len(v) for d, mm, v in claim if mm == m}
         for d in ("forward_kl", "js"):
             if d in rec and "reverse_kl" in rec:
                 lo_gt_hi = rec[d][1] > rec["reverse_kl"][2]
                 hi_lt_lo = rec[d][2] < rec["reverse_kl"][1]
                 word = "holds" if lo_gt_hi else "is reversed" if hi_lt_lo else "is not shown (95% intervals overlap)"
+                if min(nseeds[d], nseeds["reverse_kl"]) < 3:
+                    word = (f"cannot be decided from {min(nseeds[d], nseeds['reverse_kl'])} seed(s) "
+                            f"({'higher' if rec[d][0] > rec['reverse_kl'][0] else 'not higher'} as a point estimate)")
                 verdicts.append(f"{mn}: {TABLE_DIVS[d]} k-NN recall {rec[d][0]:.3f} vs reverse-KL "
                                 f"{rec['reverse_kl'][0]:.3f}: the claim (recall above reverse-KL's) {word}")
     return markdown_table(head, rows) + ("\n\n" + "\n".join(f"- {v}" for v in verdicts) if verdicts else "")
