@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +122,21 @@ def report(results: list[dict[str, Any]], per_class: int) -> str:
     )
 
 
+def ship(run: str, name: str) -> Path:
+    """Copy a distill run's EMA student into ``fastgen/models/weights/NAME/`` (float16 safetensors + JSON)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(run), WEIGHTS_DIR / name
+    dst.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half().contiguous() if v.is_floating_point() else v
+             for k, v in load_file(str(src / "student.safetensors")).items()}
+    save_file(state, str(dst / "student.safetensors"))
+    shutil.copyfile(src / "student.json", dst / "student.json")
+    return dst
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="20 samples per class; does not write BENCHMARKS.md")
@@ -128,7 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--students", nargs="+", metavar="PIPELINE=STUDENT", default=[],
                     help="student sources other than the shipped ones, e.g. digits-sd=runs/digits-sd-fdistill-js")
     ap.add_argument("--only", nargs="+", choices=sorted(PAIRS), default=sorted(PAIRS))
+    ap.add_argument("--ship", nargs="+", metavar="PIPELINE=RUN_DIR", default=[],
+                    help="first copy a run's student into the shipped student folder (float16), then measure")
     args = ap.parse_args(argv)
+    for spec in args.ship:
+        k, _, v = spec.partition("=")
+        if k not in PAIRS or not v:
+            raise SystemExit(f"--ship takes PIPELINE=RUN_DIR with PIPELINE in {sorted(PAIRS)}, got {spec!r}")
+        print("shipped", ship(v, PAIRS[k]))
     pairs = dict(PAIRS)
     for spec in args.students:
         if "=" not in spec or spec.split("=", 1)[0] not in PAIRS:

@@ -142,11 +142,13 @@ def test_vp_timestep_sampling_draws_table_entries(pipes, tmp_path):
 
 
 def test_short_distill_resumes_bit_exactly(pipes, tmp_path):
-    full = Trainer(_cfg(pipes["sd"], tmp_path / "full", steps=4))
-    full.train()
-    first = Trainer(_cfg(pipes["sd"], tmp_path / "resumed", steps=2))
+    m = {"regression_steps": 1}  # step 0: regression warm-up on teacher pairs; steps 1-3: f-distill
+    full = Trainer(_cfg(pipes["sd"], tmp_path / "full", steps=4, method=m))
+    logs = full.train()
+    assert "loss_regression" in logs[0] and "loss/critic" not in logs[0] and "loss/critic" in logs[1]
+    first = Trainer(_cfg(pipes["sd"], tmp_path / "resumed", steps=2, method=m))
     first.train()
-    second = Trainer(_cfg(pipes["sd"], tmp_path / "resumed", steps=4))
+    second = Trainer(_cfg(pipes["sd"], tmp_path / "resumed", steps=4, method=m))
     second.train()
     assert second.step == 4
     for name in ("student", "fake_score", "disc"):
@@ -232,6 +234,7 @@ def test_student_saves_loads_and_samples(pipes, tmp_path, capsys):
     ("method", "t_range", [0.6, 0.2], "method.t_range"),
     ("method", "teacher", "digits-edm", "method.teacher"),
     ("method", "guidance_scale", -1.0, "guidance_scale"),
+    ("method", "regression_steps", -1, "method.regression_steps"),
     ("data", "real_per_prompt", 0, "data.real_per_prompt"),
     ("data", "guidance", -2.0, "data.guidance"),
     ("data", "prompts", [], "data.prompts"),
@@ -241,6 +244,15 @@ def test_bad_config_values_refused_by_name(pipes, tmp_path, where, key, value, m
     kw = {where: {key: value}}
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         Trainer(_cfg(pipes["sd"], tmp_path, **kw))
+
+
+def test_regression_needs_teacher_pairs(pipes, tmp_path):
+    np.savez(tmp_path / "real.npz", x=np.zeros((4, 1, 8, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="method.regression_steps"):
+        Trainer(_cfg(pipes["sd"], tmp_path, data={"real": str(tmp_path / "real.npz")},
+                     method={"regression_steps": 2}))
+    d = t2i.prepare(**_cfg(pipes["sd"], tmp_path / "pairs").data.options)
+    assert d["z"].shape == d["x"].shape  # the pipeline's initial noise of each teacher sample
 
 
 def test_unknown_data_key_and_flow_time_range_refused(pipes, tmp_path):

@@ -18,9 +18,9 @@ What is computed once (:func:`prepare`, cached on disk under ``cache_dir`` by a 
 the prompts and the real-data settings, and in memory for the process): the embeddings of every prompt and
 of the negative prompt (one encoder pass), and the real latents (teacher samples through the pipeline, or
 images encoded with the VAE's posterior mean, ``(mean - shift_factor) * scaling_factor``). Data rows are
-``{"x": latent (C, H, W), "prompt": index}``; the method looks embeddings up by index (a
-:class:`PromptTable`), so no prompt is ever re-encoded during training. Images without prompts (a folder
-without captions, an ``.npz`` without ``prompts``) are assigned the prompts cyclically.
+``{"x": latent (C, H, W), "prompt": index[, "z": the teacher sample's initial noise]}``; the method looks
+embeddings up by index (a :class:`PromptTable`), so no prompt is ever re-encoded during training. Images
+without prompts (a folder without captions, an ``.npz`` without ``prompts``) get the prompts cyclically.
 
 The method (:class:`TextToImageDistill`, an :class:`~fastgen.distill.fdistill.FDistill`): the student is a
 teacher copy evaluated at one fixed time -- ``sigma_max`` (the last training timestep) for VP/epsilon
@@ -28,7 +28,8 @@ UNets, flow time ``t = 1`` exactly (``x = z - v(z, 1)``) for flow transformers; 
 with ``guidance_scale`` against the negative-prompt embedding; diffusion times are drawn by
 ``time_sampling``: ``timestep`` (integer training timesteps uniform over ``t_range`` of the table, DMD2's SD
 recipe), ``flow`` (flow time uniform over ``t_range``, VE sigma by :func:`fastgen.core.schedules.flow_t_to_sigma`)
-or ``karras`` (FDistill's own grid).
+or ``karras`` (FDistill's own grid). ``regression_steps`` (default 0) first fits the student to the teacher
+pairs ``(z, x)`` by latent MSE (DMD's regression loss, here a warm-up; needs ``real: teacher``).
 """
 
 from __future__ import annotations
@@ -101,9 +102,13 @@ class TextToImageDistill(FDistill):
 
     def __init__(self, teacher: nn.Module, config: FDistillConfig | Mapping[str, Any], table: PromptTable,
                  time_sampling: str = "timestep", t_range: Sequence[float] = (0.02, 0.98),
-                 student: nn.Module | None = None, fake_score: nn.Module | None = None) -> None:
+                 student: nn.Module | None = None, fake_score: nn.Module | None = None,
+                 regression_steps: int = 0) -> None:
         cfg = config if isinstance(config, FDistillConfig) else FDistillConfig.from_dict(config)
         check_time_sampling(time_sampling, t_range, teacher)
+        if not isinstance(regression_steps, int) or isinstance(regression_steps, bool) or regression_steps < 0:
+            raise ValueError(f"method.regression_steps must be an integer >= 0, got {regression_steps!r}")
+        self.regression_steps = regression_steps
         self.table = table.eval().requires_grad_(False)
         self.time_sampling = time_sampling
         self.t_range = (float(t_range[0]), float(t_range[1]))
@@ -114,6 +119,18 @@ class TextToImageDistill(FDistill):
 
     def frozen(self) -> dict[str, nn.Module]:
         return {**super().frozen(), "prompts": self.table}
+
+    def step(self, batch: Mapping[str, torch.Tensor], step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Steps ``< regression_steps``: the student only, ``mean (G(z) - x)^2`` on teacher pairs (``batch["z"]``,
+        the noise the pipeline turned into ``batch["x"]``; DMD's regression loss as a warm-up); then f-distill."""
+        if step >= self.regression_steps:
+            return super().step(batch, step, generator)
+        if "z" not in batch:
+            raise ValueError("method.regression_steps > 0 needs teacher pairs: data.real must be 'teacher'")
+        x = self.student(batch["z"], self._cond(batch[self.config.label_key]))
+        loss = ((x.float() - batch[self.config.data_key].float()) ** 2).mean()
+        self.last_logs = {"loss_regression": float(loss.detach())}
+        return {"student": loss}
 
     def to(self, device: str | torch.device) -> TextToImageDistill:
         super().to(device)
@@ -245,9 +262,11 @@ def prepare(model: str = "", prompts: Any = None, real: str = "teacher", real_pe
         data = cached_tensors(cache / f"real-{key}.safetensors" if cache else None, fingerprint("enc", key, ident),
                               lambda: {"x": _encode_images(loaded(), images), "prompt": idx.long()})
     out = {"prompts": texts, "table": table, "null": null, "x": data["x"].float(), "prompt": data["prompt"].long(),
-           "key": key}
+           "key": key, **({"z": data["z"].float()} if "z" in data else {})}
     _PREPARED.clear()  # keep one prepared data set per process
     _PREPARED[key] = out
+    if "model" in state:  # handed to the first caller only (a teacher object is never shared by two methods)
+        return {**out, "loaded": state["model"]}
     return out
 
 
@@ -273,23 +292,24 @@ def _pipeline_kwargs(cond: Mapping[str, torch.Tensor], negative: bool) -> dict[s
 def _teacher_samples(model: Any, table: Mapping[str, torch.Tensor], null: Mapping[str, torch.Tensor], per_prompt: int,
                      steps: int, guidance: float, seed: int, chunk: int = 1000) -> dict[str, torch.Tensor]:
     """``per_prompt`` latents per prompt from the Diffusers pipeline itself (its default scheduler, ``steps``,
-    CFG ``guidance``): rows ``prompt = r % P``, drawn in chunks of ``chunk`` rows with one generator seeded
-    ``seed``."""
+    CFG ``guidance``): rows ``prompt = r % P``; the initial noises ``z`` (``latents=``, drawn with a generator
+    seeded ``seed``) are kept, so ``(z, x)`` are teacher pairs (``regression_steps``)."""
     pipe = model.info["pipeline"]
     n_prompts = next(iter(table.values())).shape[0]
     idx = torch.arange(n_prompts * per_prompt) % n_prompts
     g = torch.Generator().manual_seed(seed)
+    zs = torch.randn((len(idx), *model.shape), generator=g)
     xs = []
     for i in range(0, len(idx), chunk):
         rows = idx[i : i + chunk]
         cond = {key: v[rows] for key, v in table.items()}
         neg = {key: v.expand(len(rows), *v.shape[1:]) for key, v in null.items()}
-        kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=g)
+        kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="latent", latents=zs[i : i + chunk])
         if "StableDiffusion3" in type(pipe).__name__:
             kw["max_sequence_length"] = int(cond["encoder_hidden_states"].shape[1])
         out = pipe(**_pipeline_kwargs(cond, False), **_pipeline_kwargs(neg, True), **kw)
         xs.append(out.images.float().cpu())
-    return {"x": torch.cat(xs), "prompt": idx}
+    return {"x": torch.cat(xs), "prompt": idx, "z": zs}
 
 
 @torch.no_grad()
@@ -316,7 +336,7 @@ def _dataset(model: str = "", prompts: Any = None, real: str = "teacher", real_p
              teacher_steps: int = 30, guidance: float = 1.0, negative_prompt: str = "",
              cache_dir: str | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     d = prepare(model, prompts, real, real_per_prompt, teacher_steps, guidance, negative_prompt, cache_dir, seed)
-    return {"x": d["x"], "prompt": d["prompt"]}
+    return {k: d[k] for k in ("x", "prompt", "z") if k in d}
 
 
 register_dataset("t2i", _dataset)
@@ -340,11 +360,14 @@ def from_config(cfg: Any) -> TextToImageDistill:
     if teacher_src != source:
         raise ValueError(f"method.teacher ({teacher_src!r}) must be data.model ({source!r}) for t2i distillation")
     prepared = prepare(**data)
-    model = load_model(str(source))
+    model = prepared.get("loaded") or load_model(str(source))
     teacher = model.denoiser
     flow = callable(getattr(teacher, "flow_x0", None))
     time_sampling = kw.pop("time_sampling", "flow" if flow else "timestep")
     t_range = kw.pop("t_range", (0.02, 0.98))
+    regression_steps = kw.pop("regression_steps", 0)
+    if regression_steps and "z" not in prepared:
+        raise ValueError("method.regression_steps > 0 needs teacher pairs: data.real must be 'teacher'")
     kw.pop("class_conditional", None)
     kw.setdefault("guidance_scale", float(data.get("guidance", 1.0)))
     kw.setdefault("sample_shape", tuple(model.shape))
@@ -353,7 +376,8 @@ def from_config(cfg: Any) -> TextToImageDistill:
     kw.setdefault("label_key", "prompt")
     fcfg = FDistillConfig.from_dict(kw)
     table = PromptTable(prepared["table"], prepared["null"])
-    method = TextToImageDistill(teacher, fcfg, table, time_sampling=time_sampling, t_range=t_range)
+    method = TextToImageDistill(teacher, fcfg, table, time_sampling=time_sampling, t_range=t_range,
+                                regression_steps=regression_steps)
     from fastgen.distill.teacher import teacher_recipe
 
     method.student.recipe = {**teacher_recipe(model), "pipeline": str(source)}
