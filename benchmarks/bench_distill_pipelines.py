@@ -100,7 +100,7 @@ def _ci(v: tuple[float, float, float], digits: int = 3) -> str:
     return f"{v[0]:.{digits}f} [{v[1]:.{digits}f}, {v[2]:.{digits}f}]"
 
 
-def report(results: list[dict[str, Any]], per_class: int) -> str:
+def report(results: list[dict[str, Any]], per_class: int, missing: list[str] | None = None) -> str:
     rows = []
     for r in results:
         c = r["card"]
@@ -119,6 +119,7 @@ def report(results: list[dict[str, Any]], per_class: int) -> str:
         "over training seeds). Teacher numbers: its model card, read when this ran. Bar (issue 16): accuracy "
         ">= 0.9 and FD_digits <= 1.5x the teacher's.\n\n" + table + "\n\nStudents: "
         + "; ".join(f"`{r['student']}` (its card has the exact `fastgen distill` command)" for r in results) + "."
+        + "".join(f"\n\nNo shipped student for `{p}` (`{PAIRS[p]}` is absent): not measured." for p in missing or [])
     )
 
 
@@ -159,11 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         k, v = spec.split("=", 1)
         pairs[k] = v
     per_class = 20 if args.quick else 100
-    results = []
+    results, missing = [], []
     for pipeline in args.only:
         student = pairs[pipeline]
         if student == PAIRS[pipeline] and not (WEIGHTS_DIR / student / "student.json").is_file():
             print(f"skip {pipeline}: no shipped student {student}")
+            missing.append(pipeline)
             continue
         r = measure(pipeline, student, per_class, args.measure_teacher)
         print(f"{pipeline} -> {student}: FD {_ci(r['fd'])}, acc {_ci(r['accuracy'])}, {r['ratio']:.2f}x the card's "
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
     if results and not args.quick:
         print(write_section("distill_pipelines", "One-step text-to-image students of digits-sd / digits-sd3",
-                            report(results, per_class)))
+                            report(results, per_class, missing)))
 
 
 if __name__ == "__main__":
