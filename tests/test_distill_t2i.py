@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastgen.data.prompts
 import fastgen.distill  # noqa: F401  (registers the fdistill method and the t2i data set)
 from fastgen.core.schedules import flow_t_to_sigma, sigma_to_flow_t, ve_to_flow
 from fastgen.distill import t2i
@@ -263,3 +264,14 @@ def test_unknown_data_key_and_flow_time_range_refused(pipes, tmp_path):
     with pytest.raises(ValueError, match="method.time_sampling"):
         Trainer(_cfg(pipes["sd3"], tmp_path, method={"feature_layers": ["model.norm_out"],
                                                       "time_sampling": "timestep"}))
+
+
+@pytest.mark.parametrize("name", ["digits-sd", "digits-sd3"])
+def test_shipped_configs_load_by_name(name):
+    from fastgen.commands._configs import resolve_config
+    from fastgen.train import load_config
+
+    cfg = load_config(resolve_config(name, "distill"))
+    assert cfg.data.name == "t2i" and cfg.data.options["model"] == name == cfg.method["teacher"]
+    assert t2i._resolve(cfg.data.options["prompts"]).is_file()
+    assert len(fastgen.data.prompts.read_prompts(t2i._resolve(cfg.data.options["prompts"]))) == 30
