@@ -259,3 +259,14 @@ def test_text_pipeline_without_transformers_names_the_extra(monkeypatch):
                         lambda name, *a: None if name == "transformers" else real(name, *a))
     with pytest.raises(ValueError, match=r"'text_encoder'.*'tokenizer'.*fastgen-diffusion\[pipelines\]"):
         load_model("digits-sd")
+
+
+def test_reflow_runs_are_flow_models_and_reflow_students_are_refused():
+    """A 2-rectified flow run (reflow, distill_steps 0) is served as a flow ODE model; a k-step reflow student is
+    not an ODE model and is refused by name."""
+    from fastgen.models.source_loaders import _run_wrapper
+
+    assert _run_wrapper({"name": "reflow", "distill_steps": 0}) == _run_wrapper({"name": "flow"}) == {"type": "flow"}
+    assert _run_wrapper({"name": "reflow"}) == {"type": "flow"}
+    with pytest.raises(ValueError, match="distill_steps=2 is a few-step student"):
+        _run_wrapper({"name": "reflow", "distill_steps": 2})

@@ -148,11 +148,15 @@ def _run_wrapper(method: dict[str, Any]) -> dict[str, Any]:
     if name in ("edm", "gft"):
         keys = ("sigma_data", "sigma_min", "sigma_max")
         return {"type": "edm", **{k: float(method[k]) for k in keys if k in method}}
-    if name == "flow":
-        return {"type": "flow"}
+    if name == "flow" or (name == "reflow" and int(method.get("distill_steps", 0)) == 0):
+        return {"type": "flow"}  # a 2-rectified flow is a flow model: its ODE is sampled like any flow's
+    if name == "reflow":
+        raise ValueError(f"a reflow run with distill_steps={method['distill_steps']} is a few-step student on a "
+                         "fixed t grid, not an ODE model; sample it as its card shows (the reflow docs)")
     if name == "shortcut":
         return {"type": "shortcut", "max_steps": int(method.get("max_steps", 128))}
-    raise ValueError(f"runs of method {name!r} are not loadable; accepted: edm, flow, gft, shortcut, fdistill")
+    raise ValueError(f"runs of method {name!r} are not loadable; accepted: edm, flow, gft, shortcut, reflow "
+                     "(distill_steps 0), fdistill")
 
 
 def load_run(run: Path, ckpt: Path | None, device: Any, name: str) -> LoadedModel:
