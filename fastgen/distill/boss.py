@@ -32,7 +32,13 @@ from torch import nn
 
 from fastgen.core.ode import reference_trajectory
 from fastgen.core.solvers import euler_step
-from fastgen.distill.finetune import ConditionSampler, load_teacher, save_fewstep, student_copy
+from fastgen.distill.finetune import (
+    ConditionSampler,
+    StudentOfTeacherMethod,
+    load_teacher,
+    save_fewstep,
+    student_copy,
+)
 from fastgen.models.fewstep import FewStepStudent, check_grid
 
 __all__ = ["BOSSConfig", "BOSS", "boss_target", "boss_loss", "choose_steps", "teacher_states", "from_config"]
@@ -124,7 +130,7 @@ class BOSSConfig:
         return cls(**d)
 
 
-class BOSS:
+class BOSS(StudentOfTeacherMethod):
     """The BOSS straightening method (implements :class:`fastgen.train.method.Method`): network ``student``,
     optimizer ``main``, frozen ``teacher``, no EMA. The schedule (``self.sigmas``) and the teacher-state pool
     (``self.states``, ``(N + 1, pool, ...)``) are computed at construction, deterministically from the seed.
@@ -159,26 +165,7 @@ class BOSS:
         self.pool_cond = self._cond(config.pool_size, g, torch.device("cpu"))
         self.states = teacher_states(teacher, z, self.sigmas, self.pool_cond, config.rtol)
 
-    # ------------------------------------------------------------------ Method protocol
-    def networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student}
-
-    def optimizer_groups(self) -> dict[str, list[str]]:
-        return {"main": ["student"]}
-
-    def ema_networks(self) -> list[str]:
-        return []
-
-    def frozen(self) -> dict[str, nn.Module]:
-        return {"teacher": self.teacher}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None
-
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ pieces (protocol: StudentOfTeacherMethod)
     def _cond(self, n: int, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
         return self.conditions.draw(n, generator, device) if self.conditions is not None else {}
 

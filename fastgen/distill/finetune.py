@@ -5,6 +5,8 @@
 - :func:`student_copy`: the trainable student: a copy of the teacher's denoiser, of another model's
   (``init``, required for exact teachers, which have no network), or a step-conditioned copy (SFD-v).
 - :class:`ConditionSampler`: per-batch conditions (uniform class labels; rows of fixed prompt embeddings).
+- :class:`StudentOfTeacherMethod`: the Method protocol's bookkeeping they share (network ``student``,
+  optimizer ``main``, frozen ``teacher``, no EMA, no extra state unless a subclass keeps some).
 - :func:`save_fewstep` / :func:`export_fewstep`: write a :class:`~fastgen.models.fewstep.FewStepStudent` as a
   student file pair or a zoo model (``load_model`` and ``fastgen sample --model`` serve both).
 """
@@ -92,6 +94,35 @@ def _step_conditioned(src: Any, recipe: dict[str, Any], scalar: str) -> tuple[nn
     zero_init_beta(net, scalar)
     new = {"network": net_spec, "wrap": recipe.get("wrap")}
     return apply_wrapper(net, new["wrap"]).train().requires_grad_(True), new
+
+
+class StudentOfTeacherMethod:
+    """Method bookkeeping for a trainable ``self.student`` fine-tuned against a frozen ``self.teacher``.
+
+    One optimizer ``"main"`` over ``"student"``, no EMA, frozen ``"teacher"``; no extra state (subclasses
+    that carry batches across trainer steps override ``state_dict`` / ``load_state_dict``).
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        return {"main": ["student"]}
+
+    def ema_networks(self) -> list[str]:
+        return []
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
 
 
 class ConditionSampler:

@@ -35,7 +35,13 @@ from torch import nn
 
 from fastgen.core.schedules import karras
 from fastgen.core.solvers import euler_step, get_solver
-from fastgen.distill.finetune import ConditionSampler, load_teacher, save_fewstep, student_copy
+from fastgen.distill.finetune import (
+    ConditionSampler,
+    StudentOfTeacherMethod,
+    load_teacher,
+    save_fewstep,
+    student_copy,
+)
 from fastgen.models.fewstep import FewStepStudent, afs_step
 
 __all__ = ["SFDConfig", "SFD", "sfd_grids", "teacher_stamps", "from_config", "LOSSES", "UPDATES", "STEP_SCALAR"]
@@ -135,7 +141,7 @@ class _Chain:
     pos: int
 
 
-class SFD:
+class SFD(StudentOfTeacherMethod):
     """The SFD method (implements :class:`fastgen.train.method.Method`): network ``student`` (a trainable copy
     of the teacher's denoiser), optimizer ``main``, frozen ``teacher``, no EMA.
 
@@ -164,18 +170,6 @@ class SFD:
         self._call_step, self._call_index = -1, 0
 
     # ------------------------------------------------------------------ Method protocol
-    def networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student}
-
-    def optimizer_groups(self) -> dict[str, list[str]]:
-        return {"main": ["student"]}
-
-    def ema_networks(self) -> list[str]:
-        return []
-
-    def frozen(self) -> dict[str, nn.Module]:
-        return {"teacher": self.teacher}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The batches in flight (sequential updates span several trainer steps) for exact resume."""
         out = {"batches": torch.tensor([self._batches], dtype=torch.long)}
