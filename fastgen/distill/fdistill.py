@@ -234,6 +234,42 @@ class FDistill:
         return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
     # ------------------------------------------------------------------ losses
+    def _generator_terms(
+        self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any], step: int,
+        logits: torch.Tensor | None, d_teacher: torch.Tensor | None, d_fake: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The generator loss's detached pieces at the noised student sample ``x_t``.
+
+        Returns ``(d_teacher, d_fake, r_t, h, logs)``: the (guided) teacher's and the fake score's x0
+        predictions (the ones ``placement.student_logits`` already computed are reused), the bin-normalised
+        density ratio ``r_t`` (B,) from the discriminator ``logits`` and ``h = normalise_h(div.h(r_t))``
+        (both ones when the divergence needs no ratio), and their log statistics.
+        """
+        cfg = self.config
+        with torch.no_grad():
+            xd = x_t.detach()
+            d_teacher = (
+                self.teacher_predict(xd, sigma, cond)
+                if d_teacher is None
+                else self._guide(d_teacher, xd, sigma, cond)
+            )
+            d_fake = self.fake_score(xd, sigma, **cond) if d_fake is None else d_fake.detach()
+        _check_finite("teacher prediction", d_teacher, step)
+        _check_finite("fake-score prediction", d_fake, step)
+        logs: dict[str, float] = {}
+        if self.div.need_r:
+            assert logits is not None
+            r = logit_to_ratio(logits, cfg.logit_clamp, cfg.ratio_clip)
+            r_t = self.bins.shard_normalise(r, sigma)
+            h = normalise_h(self.div.h(r_t))
+            logs.update(_stats("r", r))
+            logs.update(_stats("r_norm", r_t))
+        else:
+            r_t = torch.ones(x_t.shape[0], device=x_t.device)
+            h = torch.ones(x_t.shape[0], device=x_t.device)
+        logs.update(_stats("h", h))
+        return d_teacher, d_fake, r_t, h, logs
+
     def student_loss(
         self, z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, cond: Mapping[str, Any], step: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,27 +290,7 @@ class FDistill:
             with torch.set_grad_enabled(use_gan):
                 src = x_t if use_gan else x_t.detach()
                 logits, d_teacher, d_fake = self.placement.student_logits(self, src, sigma, cond)
-        with torch.no_grad():
-            xd = x_t.detach()
-            d_teacher = (
-                self.teacher_predict(xd, sigma, cond)
-                if d_teacher is None
-                else self._guide(d_teacher, xd, sigma, cond)
-            )
-            d_fake = self.fake_score(xd, sigma, **cond) if d_fake is None else d_fake.detach()
-        _check_finite("teacher prediction", d_teacher, step)
-        _check_finite("fake-score prediction", d_fake, step)
-        logs: dict[str, float] = {}
-        if need_r:
-            assert logits is not None
-            r = logit_to_ratio(logits, cfg.logit_clamp, cfg.ratio_clip)
-            r_t = self.bins.shard_normalise(r, sigma)
-            h = normalise_h(self.div.h(r_t))
-            logs.update(_stats("r", r))
-            logs.update(_stats("r_norm", r_t))
-        else:
-            h = torch.ones(x.shape[0], device=x.device)
-        logs.update(_stats("h", h))
+        d_teacher, d_fake, _, h, logs = self._generator_terms(x_t, sigma, cond, step, logits, d_teacher, d_fake)
         g = dmd_gradient(x, d_teacher, d_fake, h, cfg.dmd_eps)
         loss_dmd = pseudo_target_loss(x, g)
         loss = loss_dmd

@@ -40,9 +40,8 @@ import torch.nn.functional as F
 
 from fastgen.distill import divergences
 from fastgen.distill.fconfig import FDistillConfig
-from fastgen.distill.fdistill import FDistill, _check_finite, _stats
+from fastgen.distill.fdistill import FDistill, _check_finite
 from fastgen.distill.losses import dmd_gradient, pseudo_target_loss
-from fastgen.distill.ratio import logit_to_ratio, normalise_h
 from fastgen.samplers.guidance import guidance_combine
 
 __all__ = ["DI_TERMS", "UniInstructConfig", "UniInstruct", "phi_derivatives", "uni_instruct_terms", "from_config"]
@@ -178,26 +177,7 @@ class UniInstruct(FDistill):
         if use_sim:
             dp_g = self._teacher_graph(x_t, sigma, cond)
             dq_g = self._fake_graph(x_t, sigma, cond)
-        with torch.no_grad():
-            xd = x_t.detach()
-            d_teacher = (
-                self.teacher_predict(xd, sigma, cond) if d_teacher is None else self._guide(d_teacher, xd, sigma, cond)
-            )
-            d_fake = self.fake_score(xd, sigma, **cond) if d_fake is None else d_fake.detach()
-        _check_finite("teacher prediction", d_teacher, step)
-        _check_finite("fake-score prediction", d_fake, step)
-        logs: dict[str, float] = {}
-        if need_r:
-            assert logits is not None
-            r = logit_to_ratio(logits, cfg.logit_clamp, cfg.ratio_clip)
-            r_t = self.bins.shard_normalise(r, sigma)
-            h = normalise_h(self.div.h(r_t))
-            logs.update(_stats("r", r))
-            logs.update(_stats("r_norm", r_t))
-        else:
-            r_t = torch.ones(x.shape[0], device=x.device)
-            h = torch.ones(x.shape[0], device=x.device)
-        logs.update(_stats("h", h))
+        d_teacher, d_fake, r_t, h, logs = self._generator_terms(x_t, sigma, cond, step, logits, d_teacher, d_fake)
         loss = x.new_zeros((), dtype=torch.float32)
         if cfg.di_term == "fdistill" and cfg.di_weight > 0:
             g = dmd_gradient(x, d_teacher, d_fake, h, cfg.dmd_eps)
