@@ -94,12 +94,7 @@ class FewStepStudent(OneStepStudent):
                 "wrap": (self.recipe or {}).get("wrap")}
 
     def forward(self, z: torch.Tensor, cond: Any = None, **kw: Any) -> torch.Tensor:
-        if isinstance(cond, torch.Tensor):
-            kw = {"class_labels": cond, **kw}
-        elif isinstance(cond, Mapping):
-            kw = {**cond, **kw}
-        elif cond is not None:
-            raise ValueError(f"cond must be a label tensor, a mapping or None, got {type(cond).__name__}")
+        kw = self.cond_kwargs(cond, kw)
         if self.step_scalar:
             kw[self.step_scalar] = float(len(self.sigmas))
         s = self.sigmas

@@ -53,13 +53,20 @@ class OneStepStudent(nn.Module):
         self.flow_t = None if flow_t is None else float(flow_t)
         self.recipe = dict(recipe) if recipe is not None else None
 
-    def forward(self, z: torch.Tensor, cond: Any = None, **kw: Any) -> torch.Tensor:
+    @staticmethod
+    def cond_kwargs(cond: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        """The network keywords of a student call: ``cond`` is a label tensor (``class_labels``), a mapping of
+        keywords, or None; explicit ``kw`` win."""
         if isinstance(cond, torch.Tensor):
-            kw = {"class_labels": cond, **kw}
-        elif isinstance(cond, Mapping):
-            kw = {**cond, **kw}
-        elif cond is not None:
+            return {"class_labels": cond, **kw}
+        if isinstance(cond, Mapping):
+            return {**cond, **kw}
+        if cond is not None:
             raise ValueError(f"cond must be a label tensor, a mapping or None, got {type(cond).__name__}")
+        return kw
+
+    def forward(self, z: torch.Tensor, cond: Any = None, **kw: Any) -> torch.Tensor:
+        kw = self.cond_kwargs(cond, kw)
         if self.flow_t is not None:
             t = torch.full((z.shape[0],), self.flow_t, device=z.device, dtype=z.dtype)
             return self.net.flow_x0(z * self.flow_t, t, **kw)

@@ -107,8 +107,8 @@ def build_model(
 ) -> nn.Module:
     """Network + denoiser wrapper of a model JSON (``"denoiser": {"type": NAME, ...}``, a registry name;
     default ``edm``), in eval mode with gradients off. The one place a model JSON becomes a module."""
-    import fastgen.models.onestep  # noqa: F401  (registers the "student" wrapper)
     import fastgen.models.fewstep  # noqa: F401  (registers the "fewstep" wrapper: SFD / BOSS students)
+    import fastgen.models.onestep  # noqa: F401  (registers the "student" wrapper)
     import fastgen.models.shortcut  # noqa: F401  (registers the "shortcut" wrapper)
 
     net = build_network_from_info(info, weights, where, device, dtype)
