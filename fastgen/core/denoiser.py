@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from fastgen.core.schedules import sigma_to_timestep
+from fastgen.core.schedules import rf_t_to_sigma, sigma_to_timestep
 
 
 class Denoiser(Protocol):
@@ -231,6 +231,14 @@ class DiffusersFlowDenoiser(nn.Module):
         timestep = (t * self.timestep_scale).to(x_fm.dtype)
         v = _model_output(self.model(x_fm, timestep=timestep, **cond)).to(x_fm.dtype)
         return flow_output_to_x0(v, x_fm, _bcast(t, x_fm))
+
+
+def rf_velocity(denoiser: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+    """Rectified-flow velocity ``(D(x_t/t, (1-t)/t) - x_t) / (1 - t)`` of a VE denoiser (the inverse of
+    :class:`RectifiedFlowDenoiser`); ``t`` (B,) in (0, 1), rectified-flow time (0 = noise, 1 = data)."""
+    tb = t.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+    sigma = rf_t_to_sigma(t).to(x_t.dtype)
+    return (denoiser(x_t / tb, sigma, **cond) - x_t) / (1 - tb)
 
 
 class RectifiedFlowDenoiser(nn.Module):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fastgen.core.ode import reference_trajectory
+from fastgen.core.schedules import sigma_to_rf_t
 from fastgen.core.solvers import euler_step
 from fastgen.distill.finetune import (
     ConditionSampler,
@@ -54,7 +55,7 @@ def boss_target(x: torch.Tensor, x_next: torch.Tensor, s: float, s_next: float) 
 def boss_loss(x_pred: torch.Tensor, x_next: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
     """Per-row flow-velocity error ``mean_pixels (t'(x_pred - x_next) / (t' - t))^2``, ``t = 1/(1+s)``;
     ``s``, ``s_next`` (B,) VE sigmas. Returns (B,)."""
-    t, t_next = 1 / (1 + s.double()), 1 / (1 + s_next.double())
+    t, t_next = sigma_to_rf_t(s.double()), sigma_to_rf_t(s_next.double())
     scale = (t_next / (t_next - t)).reshape(-1, *([1] * (x_pred.ndim - 1)))
     err = (x_pred.double() - x_next.double()) * scale
     return (err**2).reshape(err.shape[0], -1).mean(1)

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from fastgen.core.denoiser import sigma_batch
+from fastgen.core.denoiser import rf_velocity, sigma_batch
 from fastgen.core.schedules import rf_t_to_sigma, sigma_to_rf_t
 from fastgen.models.shortcut import ShortcutDenoiser, num_levels
 
@@ -146,10 +146,7 @@ class _FlowVelocity(nn.Module):
         t = sigma_batch(t, x_t).clamp(self.t_min, 1.0)
         if (t >= 1).any():
             raise ValueError("t must be < 1: the velocity is not defined at the data end (sigma = 0)")
-        tb = t.reshape(-1, *([1] * (x_t.ndim - 1)))
-        sigma = (1 - t) / t
-        x1_hat = self.denoiser(x_t / tb, sigma, **cond)  # E[x1 | x_t]
-        return (x1_hat - x_t) / (1 - tb)
+        return rf_velocity(self.denoiser, x_t, t, **cond)  # E[x1 | x_t] = D(x_t / t, (1 - t) / t)
 
 
 def flow_velocity(denoiser: Callable[..., torch.Tensor], t_min: float = 1e-7) -> nn.Module:

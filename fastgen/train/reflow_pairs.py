@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fastgen.core.denoiser import rf_velocity
 from fastgen.core.ode import reference_solve
 from fastgen.core.schedules import karras, rf_t_to_sigma, sigma_to_rf_t
 from fastgen.core.solvers import euler, get_solver
@@ -51,13 +52,6 @@ def rf_uniform_sigmas(steps: int, sigma_max: float = RF_SIGMA_MAX) -> torch.Tens
     s = rf_t_to_sigma(t)
     s[0], s[-1] = float(sigma_max), 0.0
     return s
-
-
-def rf_velocity(denoiser: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-    """Rectified-flow velocity ``(D(x_t/t, (1-t)/t) - x_t) / (1 - t)`` of a VE denoiser; ``t`` (B,) in (0, 1)."""
-    tb = t.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
-    sigma = rf_t_to_sigma(t).to(x_t.dtype)
-    return (denoiser(x_t / tb, sigma, **cond) - x_t) / (1 - tb)
 
 
 def pair_sigmas(schedule: str, steps: int, sigma_max: float, sigma_min: float = 0.002) -> torch.Tensor:
