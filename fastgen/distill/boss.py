@@ -22,7 +22,6 @@ The result samples with :class:`fastgen.models.fewstep.FewStepStudent` on the ch
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from fastgen.distill.finetune import (
     student_copy,
 )
 from fastgen.models.fewstep import FewStepStudent, check_grid
+from fastgen.train.config import check_fields
 
 __all__ = ["BOSSConfig", "BOSS", "boss_target", "boss_loss", "choose_steps", "teacher_states", "from_config"]
 
@@ -121,10 +121,7 @@ class BOSSConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BOSSConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown boss method option(s) {unknown}; accepted: {names}")
+        check_fields(cls, d, "boss method option(s)")
         d = dict(d)
         if d.get("sample_shape") is not None:
             d["sample_shape"] = tuple(int(s) for s in d["sample_shape"])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastgen.distill import divergences
 from fastgen.distill.ratio import BIN_SPACES
+from fastgen.train.config import check_fields
 
 __all__ = ["FDistillConfig", "PLACEMENTS", "FAKE_WEIGHTINGS"]
 
@@ -137,10 +138,7 @@ class FDistillConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FDistillConfig:
         """Build from a plain mapping (YAML); unknown keys raise ``ValueError`` listing the accepted ones."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown f-distill config keys {unknown}; accepted: {sorted(names)}")
+        check_fields(cls, d, "f-distill config keys")
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:

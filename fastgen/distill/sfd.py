@@ -25,7 +25,6 @@ final_lr_ratio: 0.1``; no EMA, no gradient clipping (``grad_clip: null``) in the
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +42,7 @@ from fastgen.distill.finetune import (
     student_copy,
 )
 from fastgen.models.fewstep import FewStepStudent, afs_step
+from fastgen.train.config import check_fields
 
 __all__ = ["SFDConfig", "SFD", "sfd_grids", "teacher_stamps", "from_config", "LOSSES", "UPDATES", "STEP_SCALAR"]
 
@@ -119,10 +119,7 @@ class SFDConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SFDConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown sfd method option(s) {unknown}; accepted: {names}")
+        check_fields(cls, d, "sfd method option(s)")
         d = dict(d)
         if d.get("sample_shape") is not None:
             d["sample_shape"] = tuple(int(s) for s in d["sample_shape"])

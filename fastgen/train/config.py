@@ -168,6 +168,15 @@ def _data_section(data: dict[str, Any]) -> dict[str, Any]:
     return {"name": data.get("name", DataConfig.name), "options": options}
 
 
+def check_fields(cls: type, options: Any, what: str) -> None:
+    """Refuse keys of ``options`` that are not fields of the dataclass ``cls``: ``ValueError`` naming them and
+    the accepted ones (``what`` names the section, e.g. ``"sfd method option(s)"``)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; accepted: {names}")
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"config: {where or 'top level'} must be a mapping, got {type(data).__name__}")
