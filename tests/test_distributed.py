@@ -87,6 +87,7 @@ tensors = tr.state_tensors()  # every process (FSDP gathers shards)
 if tr.acc.is_main_process:
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in tensors.items()}, sys.argv[2])
+tr.acc.end_training()  # destroy the process group (FSDP2 on gloo otherwise aborts at exit now and then)
 """
 
 

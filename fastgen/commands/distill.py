@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from fastgen.commands._configs import add_config_arguments, resolve_config
 
@@ -41,7 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgen.distill.fdistill import FDistill
     from fastgen.train import Trainer, load_config
 
     if args.export:  # checked before training, not after it
@@ -63,8 +63,16 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     records = trainer.train()
     minutes = (time.perf_counter() - t0) / 60
-    if not trainer.acc.is_main_process:
-        return 0
+    try:
+        return _export(args, cfg, trainer, records, minutes) if trainer.acc.is_main_process else 0
+    finally:
+        trainer.acc.end_training()  # destroys the process group: no C++ abort at exit under torchrun
+
+
+def _export(args: argparse.Namespace, cfg: Any, trainer: Any, records: list[dict], minutes: float) -> int:
+    """Main process: write the student (and its zoo copy), evaluate it, print the summary."""
+    from fastgen.distill.fdistill import FDistill
+
     method: FDistill = trainer.method  # type: ignore[assignment]
     student = trainer.ema_network("student")
     if hasattr(method, "generator"):  # SFD / BOSS: the trained denoiser sampled on its few-step grid

@@ -31,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(resolve_config(args.config, "train"), overrides)
     trainer = Trainer(cfg)
-    records = trainer.train()
+    try:
+        records = trainer.train()
+    finally:
+        trainer.acc.end_training()  # destroys the process group: no C++ abort at exit under torchrun
     if trainer.acc.is_main_process:
         last = records[-1] if records else {}
         losses = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("loss/"))
