@@ -6,8 +6,11 @@ digits, kernel width 0.25) and a 16-d random Gaussian mixture (6 modes, stds 0.2
 4, 6, 8, 10 and each seed:
 
 - **fastgen best**: :func:`fastgen.samplers.auto.auto_schedule` over every fastgen solver x (Karras,
-  log-linear, DP, LD3 from DP), fitted on ``fit`` noises and *selected* on ``select`` noises; the
-  winner is then scored on separate ``eval`` noises (selection never sees them).
+  log-linear, DP, LD3 from DP) plus the learned solver (:mod:`fastgen.samplers.learned_solver`:
+  schedule + multistep combination coefficients, started from the best candidate of each of the 3
+  best one-call solvers, early-stopped on a split of the fit noises), fitted on ``fit`` noises and
+  *selected* on ``select`` noises; the winner is then scored on separate ``eval`` noises (selection
+  never sees them). "learned(dp) + unipc" names a learned solver started from DP + UniPC.
 - **AYS alone**: :func:`fastgen.samplers.ays.optimize_ays` for every solver (early stopping by ODE
   error on the ``select`` noises); the solver whose AYS schedule has the best validation score there
   is scored on the eval noises.
@@ -142,7 +145,7 @@ def bench_seed(bed: TestBed, seed: int, args: argparse.Namespace, fd: bool) -> d
     # AYS validates on the selection noises too (the same budget of unseen noises as auto's choice)
     sel_ref = reference_solve(den, sel * SIGMA_MAX, SIGMA_MAX, **_cond(sel_l))
     t0 = time.perf_counter()
-    bests = auto_schedules(den, NFES, fit, sel, methods=("karras", "loglinear", "dp", "ld3"),
+    bests = auto_schedules(den, NFES, fit, sel, methods=("karras", "loglinear", "dp", "ld3", "learned"),
                            sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, dp_options={"grid_size": args.grid},
                            ld3_options=LD3Options(iterations=args.ld3_iterations), generator=g,
                            held_out_cond=_cond(sel_l), held_out_reference=sel_ref, **_cond(fit_l))
@@ -152,9 +155,11 @@ def bench_seed(bed: TestBed, seed: int, args: argparse.Namespace, fd: bool) -> d
         with torch.no_grad():
             x = best.sample(den, ev, **ec)
         info = best.meta["auto"]
-        out["fastgen"][nfe] = (_rmse(x, ref), f"{best.method} + {best.solver}", info["runner_up_margin"])
+        base = f"({best.meta['base_method']})" if best.method == "learned" else ""
+        out["fastgen"][nfe] = (_rmse(x, ref), f"{best.method}{base} + {best.solver}", info["runner_up_margin"])
         secs = info["optimization_seconds"]
-        out["seconds"].setdefault("ld3", []).extend(v for k, v in secs.items() if k.endswith("/ld3"))
+        for kind in ("ld3", "learned"):
+            out["seconds"].setdefault(kind, []).extend(v for k, v in secs.items() if k.endswith(f"/{kind}"))
         ays = []
         for solver in SOLVERS:
             val = ode_validator(den, bed.shape, solver, nfe, args.select, SIGMA_MAX, None, noise=sel,
@@ -237,7 +242,7 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any
         dfall.append([str(nfe)] + [f"{statistics.fmean(r['diffusers'][nfe][k] for r in runs):.4f}" for k in labels])
     text += "\n\nEvery Diffusers configuration (mean RMSE over seeds):\n\n"
     text += markdown_table(["NFE"] + list(runs[0]["diffusers"][NFES[0]]), dfall)
-    sec = {k: [v for r in runs for v in r["seconds"].get(k, [])] for k in ("ays", "ld3", "auto")}
+    sec = {k: [v for r in runs for v in r["seconds"].get(k, [])] for k in ("ays", "ld3", "learned", "auto")}
     text += ("\n\nOptimisation time per schedule (s, mean / max over solvers, NFEs and seeds): "
              + "; ".join(f"{k} {statistics.fmean(v):.2f} / {max(v):.2f}" for k, v in sec.items() if v)
              + " (auto: the whole search, all four NFEs, every solver and method).")

@@ -7,6 +7,7 @@ Examples::
     fastgen schedule ld3 --model digits-edm --solver dpmpp_2m --nfe 6 --out ld3.json
     fastgen schedule dp --model ring-mixture --solver ipndm --nfe 4 6 8 --out dp_{nfe}.json
     fastgen schedule auto --model ring-mixture --nfe 6 --out best6.json
+    fastgen schedule auto --model ring-mixture --nfe 4 --methods karras,dp,ld3,learned --out learned4.json
     fastgen schedule show ld3.json
 
 Models (``--model``): anything :func:`fastgen.models.load_model` serves that has a denoiser (zoo
@@ -194,11 +195,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--solvers", default=None,
                    help="comma-separated solvers to try (default: every fastgen solver)")
     p.add_argument("--methods", default="karras,loglinear,dp,ld3",
-                   help="comma-separated schedule kinds: karras, loglinear, dp, ld3 (default all; ld3 starts from dp)")
+                   help="comma-separated schedule kinds: karras, loglinear, dp, ld3, learned (default all but "
+                        "learned; ld3 starts from dp; learned: schedule + multistep coefficients fitted from the "
+                        "best candidates)")
     p.add_argument("--num-noise", type=int, default=64, help="noises the optimisers fit on (default 64)")
     p.add_argument("--held-out", type=int, default=64, help="other noises every candidate is scored on (default 64)")
     p.add_argument("--grid-size", type=int, default=40, help="DP fine grid intervals K (default 40)")
     p.add_argument("--ld3-iterations", type=int, default=60, help="LD3 iterations per solver (default 60)")
+    p.add_argument("--learned-iterations", type=int, default=150,
+                   help="learned-solver iterations per starting candidate (default 150)")
+    p.add_argument("--learned-bases", type=int, default=3,
+                   help="learned solvers start from the best candidate of this many one-call solvers (default 3)")
     _common(p, solver=False)
     p.set_defaults(func=_run_auto)
 
@@ -339,12 +346,14 @@ def _run_auto(args: argparse.Namespace) -> int:
     from fastgen.core.solvers import SOLVERS
     from fastgen.io.paths import check_output_path
     from fastgen.samplers.auto import METHODS, auto_schedule
+    from fastgen.samplers.learned_solver import LearnedSolverOptions
     from fastgen.samplers.ld3 import LD3Options
 
     solvers = _names(args.solvers, list(SOLVERS), "--solvers")
     methods = _names(args.methods, METHODS, "--methods")
     for flag, v in (("--nfe", args.nfe), ("--num-noise", args.num_noise), ("--held-out", args.held_out),
-                    ("--ld3-iterations", args.ld3_iterations)):
+                    ("--ld3-iterations", args.ld3_iterations), ("--learned-bases", args.learned_bases),
+                    ("--learned-iterations", args.learned_iterations)):
         if v < (2 if flag in ("--num-noise", "--held-out") else 1):
             raise ValueError(f"{flag} must be >= {2 if flag in ('--num-noise', '--held-out') else 1}, got {v}")
     check_output_path(args.out, "--out")
@@ -355,8 +364,9 @@ def _run_auto(args: argparse.Namespace) -> int:
     lo, hi = _range(args, bed)
     best = auto_schedule(bed.denoiser, args.nfe, noise, held, solvers=solvers, methods=methods,
                          sigma_min=lo, sigma_max=hi, dp_options={"grid_size": args.grid_size},
-                         ld3_options=LD3Options(iterations=args.ld3_iterations), generator=g,
-                         model_id=bed.name, held_out_cond={**bed.cond(args.held_out), **_cond(held_labels)},
+                         ld3_options=LD3Options(iterations=args.ld3_iterations),
+                         learned_options=LearnedSolverOptions(iterations=args.learned_iterations),
+                         learned_bases=args.learned_bases, generator=g, model_id=bed.name, held_out_cond={**bed.cond(args.held_out), **_cond(held_labels)},
                          **bed.cond(args.num_noise), **_cond(labels))
     info = best.meta["auto"]
     for solver, method, err in info["ranking"][:5]:

@@ -6,6 +6,12 @@ budget (:func:`fastgen.core.solvers.steps_for_nfe` with ``exact=False``), and sc
 endpoint RMSE to the exact ODE on *held-out* noises that no optimiser saw. The winner is returned as
 a :class:`~fastgen.samplers.schedule.Schedule` whose ``meta["auto"]`` ranks every candidate and
 records the runner-up margins (error ratios to the winner, > 1).
+
+Method ``"learned"`` (:mod:`fastgen.samplers.learned_solver`) adds, per NFE, learned solvers: after the
+other candidates are scored, the best candidate of each of the ``learned_bases`` best one-call solvers
+is the starting point of :func:`~fastgen.samplers.learned_solver.learn_solver` (schedule + combination
+coefficients fitted on the fit noises, early-stopped on a split of them, never on the held-out
+noises), and each result is scored on the held-out noises like every other candidate.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from fastgen.core.schedules import karras, loglinear
 from fastgen.core.solvers import SOLVERS, steps_for_nfe
 from fastgen.samplers.dp import dp_schedules
 from fastgen.samplers.ld3 import LD3Options, ld3_steps, learn_ld3
+from fastgen.samplers.learned_solver import COMBINABLE_SOLVERS, LearnedSolverOptions, learn_solver
 from fastgen.samplers.optim_common import resolve_sigma_range
 from fastgen.samplers.schedule import Schedule, endpoint_rmse
 
 __all__ = ["auto_schedule", "auto_schedules", "METHODS"]
 
 #: Schedule kinds :func:`auto_schedule` can try.
-METHODS = ("karras", "loglinear", "dp", "ld3")
+METHODS = ("karras", "loglinear", "dp", "ld3", "learned")
 
 
 def _candidates(denoiser, solver, nfes, noise, lo, hi, methods, dp_options, ld3_options, generator, targets,
@@ -70,6 +77,8 @@ def auto_schedule(
     sigma_max: float | None = None,
     dp_options: dict[str, Any] | None = None,
     ld3_options: LD3Options | None = None,
+    learned_options: LearnedSolverOptions | None = None,
+    learned_bases: int = 3,
     generator: torch.Generator | None = None,
     model_id: str | None = None,
     held_out_cond: dict[str, Any] | None = None,
@@ -85,6 +94,9 @@ def auto_schedule(
         methods: subset of :data:`METHODS`; "ld3" starts from the DP schedule where the step counts
             agree (LD3 gives Heun ``nfe // 2`` steps), else from ``ld3_options.init``.
         dp_options: keyword arguments for :func:`fastgen.samplers.dp.dp_schedules` (e.g. ``grid_size``).
+        learned_options / learned_bases: with "learned" in ``methods``, the options of
+            :func:`~fastgen.samplers.learned_solver.learn_solver` and how many one-call solvers (their
+            best candidate each, by held-out error) it starts from (>= 1).
         cond: conditioning of the fitting calls (per-sample tensors match ``noise``, e.g. ``class_labels``).
         held_out_cond: conditioning of the held-out scoring calls (per-sample tensors match
             ``held_out``); default ``cond`` (right for unconditional or shared conditioning).
@@ -94,7 +106,8 @@ def auto_schedule(
     ``margins`` (per other solver: its best error / the winner's).
     """
     return auto_schedules(denoiser, [nfe], noise, held_out, solvers=solvers, methods=methods, sigma_min=sigma_min,
-                          sigma_max=sigma_max, dp_options=dp_options, ld3_options=ld3_options, generator=generator,
+                          sigma_max=sigma_max, dp_options=dp_options, ld3_options=ld3_options,
+                          learned_options=learned_options, learned_bases=learned_bases, generator=generator,
                           model_id=model_id, held_out_cond=held_out_cond, **cond)[nfe]
 
 
@@ -110,6 +123,8 @@ def auto_schedules(
     sigma_max: float | None = None,
     dp_options: dict[str, Any] | None = None,
     ld3_options: LD3Options | None = None,
+    learned_options: LearnedSolverOptions | None = None,
+    learned_bases: int = 3,
     generator: torch.Generator | None = None,
     model_id: str | None = None,
     held_out_cond: dict[str, Any] | None = None,
@@ -128,6 +143,10 @@ def auto_schedules(
     for name, t in (("noise", noise), ("held_out", held_out)):
         if not isinstance(t, torch.Tensor) or t.ndim < 2 or t.shape[0] < 2:
             raise ValueError(f"{name} must be a tensor of shape (N, ...) with N >= 2")
+    if isinstance(learned_bases, bool) or not isinstance(learned_bases, int) or learned_bases < 1:
+        raise ValueError(f"learned_bases must be an integer >= 1, got {learned_bases!r}")
+    if learned_options is not None:
+        learned_options.check()
     nfes = list(nfes)
     for n in nfes:
         steps_for_nfe("euler", n)  # ValueError for a non-integer or < 1
@@ -136,16 +155,33 @@ def auto_schedules(
     with torch.no_grad():
         reference = (reference_solve(denoiser, held_out * hi, hi, 0.0, **hcond) if held_out_reference is None
                      else held_out_reference)
-        targets = reference_solve(denoiser, noise * hi, hi, 0.0, **cond) if "ld3" in methods else None
+        targets = (reference_solve(denoiser, noise * hi, hi, 0.0, **cond)
+                   if "ld3" in methods or "learned" in methods else None)
     scored: dict[int, list[tuple[float, str, Schedule]]] = {n: [] for n in nfes}
     for solver in solvers:
         cands = _candidates(denoiser, solver, nfes, noise, lo, hi, methods, dp_options, ld3_options, generator,
                             targets, cond)
         for nfe, cs in cands.items():
             scored[nfe] += [(endpoint_rmse(denoiser, c, held_out, reference, **hcond), solver, c) for c in cs]
+    if "learned" in methods:
+        for nfe in nfes:
+            for base in _learned_bases(scored[nfe], learned_bases):
+                c = learn_solver(denoiser, noise, base, targets=targets, options=learned_options, sigma_min=lo,
+                                 sigma_max=hi, generator=generator, progress=False, **cond)
+                scored[nfe].append((endpoint_rmse(denoiser, c, held_out, reference, **hcond), c.solver, c))
     seconds = round(time.perf_counter() - t0, 3)
     return {nfe: _winner(sorted(sc, key=lambda item: item[0]), model_id, held_out, noise, seconds)
             for nfe, sc in scored.items()}
+
+
+def _learned_bases(scored: list[tuple[float, str, Schedule]], k: int) -> list[Schedule]:
+    """The best-scored candidate of each of the ``k`` best one-call solvers (starting points of the
+    learned solver); schedules with fewer than 2 steps are skipped."""
+    out: dict[str, Schedule] = {}
+    for _, solver, c in sorted(scored, key=lambda item: item[0]):
+        if solver in COMBINABLE_SOLVERS and solver not in out and c.steps >= 2 and len(out) < k:
+            out[solver] = c
+    return list(out.values())
 
 
 def _winner(scored: list[tuple[float, str, Schedule]], model_id: str | None, held_out: torch.Tensor,

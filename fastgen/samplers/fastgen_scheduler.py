@@ -67,6 +67,11 @@ def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str |
         raise ValueError(f"schedule {str(path)!r} is not a readable JSON file: {err}") from err
     if not isinstance(data, dict) or "sigmas" not in data:
         raise ValueError(f"schedule JSON {str(path)!r} must be an object with a top-level 'sigmas' list")
+    if data.get("coefficients") is not None:
+        raise ValueError(
+            f"{os.fspath(path)} is a learned solver (it has 'coefficients'); FastgenScheduler cannot replay its "
+            "combination of denoiser outputs: use Schedule.load(...).sample or `fastgen sample --schedule`"
+        )
     sig = validate_sigmas(data["sigmas"], f"sigmas in {os.fspath(path)}")
     solver = data.get("solver")
     if solver is not None and solver not in SCHEDULER_SOLVERS:

@@ -17,7 +17,10 @@ JSON layout (read by ``FastgenScheduler``, which uses ``"sigmas"`` and ``"solver
      "objective": 0.012, "fastgen_version": "0.1.0", "eval_sigmas": null, "meta": {...}}
 
 ``eval_sigmas`` (LD3's decoupled evaluation points, same length as ``sigmas``) is optional; stock
-schedulers ignore it, :meth:`Schedule.wrap` applies it to a denoiser.
+schedulers ignore it, :meth:`Schedule.wrap` applies it to a denoiser. ``coefficients`` (optional,
+``method: "learned"``, :mod:`fastgen.samplers.learned_solver`) is a ``steps x history`` list of lists:
+the learned combination of the previous denoiser outputs at each step, replayed by
+:meth:`Schedule.wrap` (:class:`CombinedDenoiser`) for a one-call ``solver`` (:data:`COMBINABLE_SOLVERS`).
 """
 
 from __future__ import annotations
@@ -37,8 +40,15 @@ from fastgen.core.solvers import SOLVERS, get_solver, steps_for_nfe
 from fastgen.core.solvers import nfe as solver_nfe
 
 _KNOWN_KEYS = {
-    "sigmas", "solver", "method", "nfe", "model", "objective", "fastgen_version", "eval_sigmas", "meta"
+    "sigmas", "solver", "method", "nfe", "model", "objective", "fastgen_version", "eval_sigmas", "coefficients",
+    "meta",
 }
+
+#: Solvers that call the denoiser once per step, at the step's knot: the ones a learned combination
+#: (``coefficients``) can be replayed with.
+COMBINABLE_SOLVERS = ("euler", "dpmpp_2m", "ipndm", "unipc", "unipc3")
+#: The most previous outputs a combination row may weigh.
+MAX_HISTORY = 4
 
 
 def steps_within_nfe(solver: str, nfe: int) -> int:
@@ -61,6 +71,9 @@ class Schedule:
         fastgen_version: version that wrote it.
         eval_sigmas: optional (N + 1,) sigmas where the denoiser is evaluated instead of ``sigmas``
             (LD3 decoupled offsets); None when evaluation and coefficients coincide.
+        coefficients: optional (N, K) float64 combination weights of a learned solver (1 <= K <= 4;
+            entry [i, j] weighs ``D_{i-1-j} - D_i`` at step i and must be 0 for j >= i); requires a
+            ``solver`` in :data:`COMBINABLE_SOLVERS` and a final 0. None for a plain schedule.
         meta: free-form JSON-able extras (optimisation time, sigma range, hyper-parameters).
     """
 
@@ -73,6 +86,7 @@ class Schedule:
     fastgen_version: str = __version__
     eval_sigmas: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    coefficients: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.sigmas = validate_sigmas(self.sigmas, "sigmas").detach().double().cpu()
@@ -90,6 +104,8 @@ class Schedule:
             self.eval_sigmas = ev
         if self.objective is not None:
             self.objective = float(self.objective)
+        if self.coefficients is not None:
+            self.coefficients = _check_coefficients(self.coefficients, self.steps, self.solver, self.ends_in_zero)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -119,7 +135,10 @@ class Schedule:
                         model=self.model, objective=None, meta={**self.meta, "resampled_from": self.steps})
 
     def wrap(self, denoiser: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """The denoiser to use with :meth:`solver_sigmas`: evaluates at ``eval_sigmas`` if present."""
+        """The denoiser to use with :meth:`solver_sigmas`: evaluates at ``eval_sigmas`` if present, and
+        hands the solver the learned combination of outputs if ``coefficients`` are present."""
+        if self.coefficients is not None:
+            return CombinedDenoiser(denoiser, self.sigmas, self.eval_sigmas, self.coefficients)
         if self.eval_sigmas is None:
             return denoiser
         return OffsetDenoiser(denoiser, self.sigmas, self.eval_sigmas)
@@ -201,6 +220,7 @@ class Schedule:
             "objective": self.objective,
             "fastgen_version": self.fastgen_version,
             "eval_sigmas": None if self.eval_sigmas is None else [float(s) for s in self.eval_sigmas],
+            "coefficients": None if self.coefficients is None else self.coefficients.tolist(),
             "meta": self.meta,
         }
 
@@ -226,8 +246,10 @@ class Schedule:
             model=data.get("model"),
             objective=data.get("objective"),
             fastgen_version=str(data.get("fastgen_version") or __version__),
-            eval_sigmas=None if data.get("eval_sigmas") is None else torch.tensor(data["eval_sigmas"]),
+            eval_sigmas=(None if data.get("eval_sigmas") is None
+                         else torch.tensor(data["eval_sigmas"], dtype=torch.float64)),  # float32 would round
             meta=meta,
+            coefficients=_coefficients_from_json(data.get("coefficients")),
         )
 
     def to_json(self) -> str:
@@ -262,6 +284,9 @@ class Schedule:
         ]
         if self.eval_sigmas is not None:
             lines.append("eval_sigmas: " + ", ".join(f"{float(s):.4g}" for s in self.eval_sigmas))
+        if self.coefficients is not None:
+            lines.append("coefficients: " + "; ".join(", ".join(f"{float(v):.4g}" for v in row)
+                                                      for row in self.coefficients))
         if self.solver is not None:
             lines.append(f"denoiser calls with {self.solver} (final step to 0): {self.num_evals()}")
         for k, v in self.meta.items():
@@ -297,6 +322,80 @@ class OffsetDenoiser(torch.nn.Module):
         if float(dist.min()) > 1e-6:
             return self.denoiser(x, sigma, **cond)
         return self.denoiser(x, self.eval_sigmas[i].to(device=x.device, dtype=x.dtype), **cond)
+
+
+def _coefficients_from_json(value: Any) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(r, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in r) for r in value)
+            or len({len(r) for r in value}) != 1):
+        raise ValueError("'coefficients' must be a non-empty list of equally long lists of numbers (steps x history)")
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def _check_coefficients(c: Any, steps: int, solver: str | None, ends_in_zero: bool) -> torch.Tensor:
+    """``coefficients`` as a validated (steps, K) float64 tensor; ValueError naming what is accepted."""
+    c = torch.as_tensor(c, dtype=torch.float64).detach().cpu().clone()
+    if c.ndim != 2 or c.shape[0] != steps or not 1 <= c.shape[1] <= MAX_HISTORY:
+        raise ValueError(f"coefficients must have shape (steps={steps}, K) with 1 <= K <= {MAX_HISTORY}, "
+                         f"got {tuple(c.shape)}")
+    if not torch.isfinite(c).all():
+        raise ValueError("coefficients must be finite")
+    i = torch.arange(steps).unsqueeze(1)
+    j = torch.arange(c.shape[1]).unsqueeze(0)
+    if (c[j >= i] != 0).any():
+        raise ValueError("coefficients[i][j] must be 0 for j >= i (step i has only i previous outputs)")
+    if solver not in COMBINABLE_SOLVERS:
+        raise ValueError(f"a schedule with coefficients needs a solver among {list(COMBINABLE_SOLVERS)} (one "
+                         f"denoiser call per step), got {solver!r}")
+    if not ends_in_zero:
+        raise ValueError("a schedule with coefficients must end in 0")
+    return c
+
+
+class CombinedDenoiser(torch.nn.Module):
+    """A learned solver's denoiser: at knot i returns ``D_i + sum_j C[i, j] (D_{i-1-j} - D_i)``.
+
+    ``D_k`` is ``denoiser`` evaluated at knot k (at ``eval_sigmas[k]`` if given, else at the sigma the
+    solver passes). Stateful within one solve: a call at the first knot starts a new trajectory, and
+    the knots must then be visited in order, once each (one-call solvers, :data:`COMBINABLE_SOLVERS`);
+    anything else raises ValueError. Differentiable with respect to ``C``, ``eval_sigmas`` and x.
+    """
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], sigmas: torch.Tensor,
+                 eval_sigmas: torch.Tensor | None, coefficients: torch.Tensor) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigmas = sigmas
+        self.eval_sigmas = eval_sigmas
+        self.coefficients = coefficients
+        self.sigma_min = getattr(denoiser, "sigma_min", None)
+        self.sigma_max = getattr(denoiser, "sigma_max", None)
+        self._log_knots = sigmas.detach().double().cpu()[:-1].log()
+        self._history: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        s = float(torch.as_tensor(sigma, dtype=torch.float64).detach().reshape(-1)[0])
+        dist = (self._log_knots - math.log(s)).abs() if s > 0 else None
+        if dist is None or float(dist.min()) > 1e-6:
+            raise ValueError(f"a learned solver's denoiser was called at sigma={s:.6g}, not one of its knots; "
+                             f"replay it with its own one-call solver on its own sigmas")
+        i = int(dist.argmin())
+        if i == 0:
+            self._history = []
+        if i != len(self._history):
+            raise ValueError(f"a learned solver's denoiser was called at knot {i} after {len(self._history)} "
+                             "knot(s): the knots must be visited once each, in order")
+        ev = sigma if self.eval_sigmas is None else self.eval_sigmas[i].to(device=x.device, dtype=x.dtype)
+        d = self.denoiser(x, ev, **cond)
+        out = d
+        c = self.coefficients.to(device=x.device, dtype=x.dtype)
+        for j in range(min(i, c.shape[1])):
+            out = out + c[i, j] * (self._history[i - 1 - j] - d)
+        self._history.append(d)
+        return out
 
 
 def endpoint_rmse(
