@@ -228,12 +228,32 @@ def prompt_table(pipe, kind: str) -> tuple[dict, int]:
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}, len(prompts) - 1
 
 
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_flow_time(batch: int, gen: torch.Generator, time_sampling: str = "uniform") -> torch.Tensor:
+    """Flow times ``s`` in (0, 1) of shape ``(batch,)`` (s = 1 is pure noise; x_s = (1-s) z + s n).
+
+    ``"uniform"``: s ~ U(0, 1) (one ``torch.rand`` draw, the original recipe). ``"logit_normal"``: s = sigmoid(u),
+    u ~ N(0, 1) (SD3's logit-normal sampling with m = 0, s = 1; Esser et al. 2024), which puts more training on
+    the middle of the path and less on its ends.
+    """
+    if time_sampling == "uniform":
+        return torch.rand(batch, generator=gen)
+    if time_sampling == "logit_normal":
+        return torch.sigmoid(torch.randn(batch, generator=gen))
+    raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
+
+
 def train_denoiser(pipe, kind: str, steps: int, seed: int, batch: int, lr: float, ema_decay: float,
-                   p_uncond: float = 0.1, max_seconds: float | None = None) -> dict:
+                   p_uncond: float = 0.1, max_seconds: float | None = None, time_sampling: str = "uniform") -> dict:
     """Train ``pipe.unet`` (eps-MSE) or ``pipe.transformer`` (velocity MSE) in place; loads the EMA at the end.
 
     ``max_seconds`` stops early (the steps actually done are returned; the LR schedule assumes ``steps``).
+    ``time_sampling`` (SD3 only; see ``sample_flow_time``) is how the flow time ``s`` of each example is drawn.
     """
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
     net = pipe.unet if kind == "sd" else pipe.transformer
     mean, std, labels = train_latents(pipe.vae)
     scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0
@@ -261,7 +281,7 @@ def train_denoiser(pipe, kind: str, steps: int, seed: int, batch: int, lr: float
             pred = net(a.sqrt() * z + (1 - a).sqrt() * noise, t, **cond).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
         else:
-            s = torch.rand(batch, generator=gen).view(-1, 1, 1, 1)
+            s = sample_flow_time(batch, gen, time_sampling).view(-1, 1, 1, 1)
             pred = net(hidden_states=(1 - s) * z + s * noise, timestep=1000 * s.flatten(), **cond).sample
             loss = torch.nn.functional.mse_loss(pred, noise - z)
         opt.zero_grad(set_to_none=True)
@@ -282,10 +302,13 @@ def train_denoiser(pipe, kind: str, steps: int, seed: int, batch: int, lr: float
             break
     net.load_state_dict(ema.state_dict())
     net.eval().requires_grad_(False)
-    return {"steps": len(losses), "planned_steps": steps, "batch": batch, "lr": lr, "ema_decay": ema_decay,
-            "p_uncond": p_uncond,
-            "train_seconds": time.time() - t0, "loss_history": hist,
-            "params": sum(p.numel() for p in net.parameters())}
+    out = {"steps": len(losses), "planned_steps": steps, "batch": batch, "lr": lr, "ema_decay": ema_decay,
+           "p_uncond": p_uncond,
+           "train_seconds": time.time() - t0, "loss_history": hist,
+           "params": sum(p.numel() for p in net.parameters())}
+    if kind == "sd3":
+        out["time_sampling"] = time_sampling
+    return out
 
 
 # ---------------------------------------------------------------- 5. save + evaluate
@@ -362,6 +385,9 @@ Loss (mean over the last 500 steps): {loss_hist}.
 """
 
 
+TIME_TEXT = {"uniform": "s ~ U(0,1)", "logit_normal": "s = sigmoid(u), u ~ N(0,1) (SD3 logit-normal time sampling)"}
+
+
 def write_card(folder: Path, kind: str, info: dict) -> None:
     if kind == "sd":
         comps = "- text_encoder: frozen random `CLIPTextModel` (hidden 32, 2 layers)."
@@ -374,7 +400,8 @@ def write_card(folder: Path, kind: str, info: dict) -> None:
                  " Unigram.\n  Call with `max_sequence_length=16`.")
         info.update(pipe_cls="StableDiffusion3Pipeline",
                     denoiser="`SD3Transformer2DModel` (4 layers, 4 heads x 16, patch 1)",
-                    objective="flow matching x_s = (1-s) z + s n, velocity target n - z, s ~ U(0,1), timestep 1000 s",
+                    objective="flow matching x_s = (1-s) z + s n, velocity target n - z, "
+                              + TIME_TEXT[info.get("time_sampling", "uniform")] + ", timestep 1000 s",
                     scheduler=f"FlowMatchEulerDiscreteScheduler (shift {info['shift']})")
     hist = info["loss_history"]
     info["loss_hist"] = ", ".join(f"{s}: {v:.4f}" for s, v in hist[:: max(1, len(hist) // 6)] + hist[-1:])
@@ -394,7 +421,8 @@ def build(kind: str, args, clip_tok, t5_tok, tok_src: Path, vae, vae_stats: dict
         pipe = make_sd3_pipeline(vae, clip_tok, t5_tok, encs, args.shift)
     steps = args.sd_steps if kind == "sd" else args.sd3_steps
     limit = None if args.train_minutes is None else 60 * args.train_minutes
-    train = train_denoiser(pipe, kind, steps, args.seed, args.batch, args.lr, args.ema, max_seconds=limit)
+    train = train_denoiser(pipe, kind, steps, args.seed, args.batch, args.lr, args.ema, max_seconds=limit,
+                           time_sampling=args.sd3_time_sampling if kind == "sd3" else "uniform")
     folder = Path(args.out) / ("digits-sd" if kind == "sd" else "digits-sd3")
     save(pipe, folder, tok_src)
     ev = evaluate(folder, kind, args.eval_n, args.eval_steps, args.cfg, args.seed)
@@ -422,6 +450,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--shift", type=float, default=1.0, help="FlowMatchEuler shift stored in the SD3 scheduler")
+    p.add_argument("--sd3-time-sampling", choices=TIME_SAMPLINGS, default="uniform",
+                   help="how the SD3 trainer draws the flow time s: 'uniform' (s ~ U(0,1), the original recipe) or "
+                        "'logit_normal' (s = sigmoid(N(0,1)), SD3's choice)")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--eval-steps", type=int, default=30)
     p.add_argument("--eval-n", type=int, default=100, help="samples per class for the card's numbers")
@@ -456,7 +487,8 @@ def resume(args, t_start: float) -> dict:
     kind = args.only
     steps = args.sd_steps if kind == "sd" else args.sd3_steps
     limit = None if args.train_minutes is None else 60 * args.train_minutes
-    train = train_denoiser(pipe, kind, steps, args.seed + 100, args.batch, args.lr, args.ema, max_seconds=limit)
+    train = train_denoiser(pipe, kind, steps, args.seed + 100, args.batch, args.lr, args.ema, max_seconds=limit,
+                           time_sampling=args.sd3_time_sampling if kind == "sd3" else "uniform")
     folder = Path(args.out) / src.name
     if folder.resolve() == src.resolve():
         raise ValueError(f"--out {args.out}: would overwrite --resume-from {src}; write elsewhere and compare")

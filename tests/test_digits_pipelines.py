@@ -122,3 +122,20 @@ def test_component_builders_save_and_reload(tmp_path):
     w1 = back.transformer.pos_embed.proj.weight
     assert w1.dtype == torch.float32 and torch.equal(w1, w0.half().float())
     assert back.scheduler.config.shift == 1.0 and back.tokenizer("seven")["input_ids"] == clip("seven")["input_ids"]
+
+
+def test_sd3_flow_time_sampling():
+    """``uniform`` is the original ``torch.rand`` draw (old builds reproduce bit-for-bit); ``logit_normal`` is
+    sigmoid(N(0, 1)): symmetric about 0.5, with 2*Phi(-1) ~= 0.317 of its mass outside [sigmoid(-1), sigmoid(1)]
+    (uniform: 1 - 0.462 = 0.538 there)."""
+    mod = _script()
+    u = mod.sample_flow_time(4000, torch.Generator().manual_seed(3), "uniform")
+    assert torch.equal(u, torch.rand(4000, generator=torch.Generator().manual_seed(3)))
+    s = mod.sample_flow_time(4000, torch.Generator().manual_seed(3), "logit_normal")
+    assert s.shape == (4000,) and 0 < s.min() and s.max() < 1
+    assert abs(s.median().item() - 0.5) < 0.03  # binomial sd of the median ~ 0.25/sqrt(4000)/pdf ~ 0.01
+    lo, hi = torch.sigmoid(torch.tensor(-1.0)), torch.sigmoid(torch.tensor(1.0))
+    outside = ((s < lo) | (s > hi)).float().mean().item()
+    assert abs(outside - 0.3173) < 0.03  # binomial sd sqrt(0.32 * 0.68 / 4000) ~ 0.007
+    with pytest.raises(ValueError, match="time_sampling"):
+        mod.sample_flow_time(4, torch.Generator(), "cosine")
