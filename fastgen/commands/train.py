@@ -35,6 +35,13 @@ def run(args: argparse.Namespace) -> int:
         records = trainer.train()
     finally:
         trainer.acc.end_training()  # destroys the process group: no C++ abort at exit under torchrun
+    if trainer.acc.is_main_process and hasattr(trainer.method, "export"):  # instaflow: a Diffusers pipeline folder
+        from pathlib import Path
+
+        from fastgen.distill.instaflow import PIPELINE_DIR
+
+        folder = trainer.method.export(trainer.ema_network("net"), Path(cfg.output_dir) / PIPELINE_DIR)
+        print(f"pipeline (EMA weights): {folder}")
     if trainer.acc.is_main_process:
         last = records[-1] if records else {}
         losses = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith("loss/"))

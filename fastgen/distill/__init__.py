@@ -6,12 +6,14 @@
 - :mod:`fastgen.distill.fdistill` -- :class:`FDistill`, the method for the trainer.
 - :mod:`fastgen.distill.student` -- :class:`OneStepStudent`, save/load, :class:`OneStepPipeline`.
 - :mod:`fastgen.distill.t2i` -- :class:`TextToImageDistill`: text-to-image pipelines (prompts, CFG, latents).
+- :mod:`fastgen.distill.instaflow` -- InstaFlow: reflow of a text-to-image pipeline and its one-step distillation.
 """
 
 from fastgen.distill import divergences
 from fastgen.distill.boss import from_config as _boss_from_config
 from fastgen.distill.build import from_config as _fdistill_from_config
 from fastgen.distill.fdistill import FDistill, FDistillConfig, dmd_gradient, pseudo_target_loss
+from fastgen.distill.instaflow import from_config as _instaflow_from_config
 from fastgen.distill.sfd import from_config as _sfd_from_config
 from fastgen.distill.student import OneStepPipeline, OneStepStudent, load_student, save_student, toy_mlp
 from fastgen.distill.t2i import TextToImageDistill  # also registers the "t2i" data set
@@ -22,6 +24,7 @@ register_method("fdistill", _fdistill_from_config)
 register_method("uni_instruct", _uni_instruct_from_config)  # Uni-Instruct (fastgen.distill.uni_instruct)
 register_method("sfd", _sfd_from_config)  # SFD few-step students (fastgen.distill.sfd)
 register_method("boss", _boss_from_config)  # BOSS straightening (fastgen.distill.boss)
+register_method("instaflow", _instaflow_from_config)  # text-conditioned reflow (fastgen.distill.instaflow)
 
 __all__ = [
     "divergences",

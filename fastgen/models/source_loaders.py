@@ -171,6 +171,13 @@ def load_run(run: Path, ckpt: Path | None, device: Any, name: str) -> LoadedMode
                 return load_student_files(run / "student.json", device, name)
         raise ValueError(f"{name!r} is an f-distill run: sample its exported student ({run / 'student.safetensors'});"
                          " intermediate checkpoints of a distillation are not loadable")
+    if method.get("name") == "instaflow":  # the run's exported Diffusers pipeline (fastgen.distill.instaflow)
+        folder = run / "pipeline"
+        latest = ckpt is None or ckpt == zoo.latest_checkpoint_of(run / "checkpoints")
+        if latest and (folder / "model_index.json").is_file():
+            return load_pipeline(folder, device, name)
+        raise ValueError(f"{name!r} is an instaflow run: sample its exported pipeline ({folder}, written when "
+                         "training ends); intermediate checkpoints of it are not loadable")
     if ckpt is None:
         raise FileNotFoundError(f"run {str(run)!r} has no checkpoint yet (checkpoints/latest is missing)")
     net_spec = dict(cfg.get("network") or {})

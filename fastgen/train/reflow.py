@@ -42,7 +42,8 @@ from fastgen.train.edm import drop_labels
 from fastgen.train.method import SingleNetworkMethod, register_method
 from fastgen.train.reflow_pairs import PAIR_SCHEDULES, RF_SIGMA_MAX, generate_pairs
 
-__all__ = ["ReflowMethod", "REFLOW_LOSSES", "reflow_loss", "check_options", "PAIRS_FILE", "from_config"]
+__all__ = ["ReflowMethod", "REFLOW_LOSSES", "reflow_loss", "check_options", "check_pair_spec", "PAIRS_FILE",
+           "from_config"]
 
 REFLOW_LOSSES = ("l2", "pseudo_huber")
 INITS = ("teacher", "scratch")
@@ -54,13 +55,27 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def reflow_loss(
-    net: nn.Module, z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor, loss: str = "l2", **cond: Any
+    net: nn.Module, z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor, loss: str = "l2", start_t: float = 0.0,
+    **cond: Any,
 ) -> torch.Tensor:
-    """Scalar reflow loss: ``v(x_t, t)`` against ``z1 - z0`` at ``x_t = t z1 + (1 - t) z0``; ``t`` (B,)."""
+    """Scalar reflow loss: ``v(x_t, t)`` against ``z1 - z0`` at ``x_t = t z1 + (1 - t) z0``; ``t`` (B,).
+
+    ``start_t = a > 0``: the straight path from the sampler's actual start ``x_a = (1 - a) z0`` (VE
+    ``sigma_max z0`` with ``a = 1 / (1 + sigma_max)``) to ``z1`` over ``[a, 1]``: ``x_t = (1 - s) x_a + s z1``
+    with ``s = (t - a) / (1 - a)``, target ``(z1 - x_a) / (1 - a)``. For a teacher with a small ``sigma_max``
+    (a VP pipeline: 14.6, ``a = 0.064``) the ``a = 0`` path would show the student ``a z1`` of the answer at
+    its first step, which the sampler never has. ``a = 0`` is the RF code's path."""
     tb = _bcast(t, z1).to(z1.dtype)
-    v = net(tb * z1 + (1 - tb) * z0, t.to(z1.dtype), **cond)
+    if start_t:
+        a = float(start_t)
+        xa = (1 - a) * z0
+        sb = (tb - a) / (1 - a)
+        x_t, target = (1 - sb) * xa + sb * z1, (z1 - xa) / (1 - a)
+    else:
+        x_t, target = tb * z1 + (1 - tb) * z0, z1 - z0
+    v = net(x_t, t.to(z1.dtype), **cond)
     dt = torch.promote_types(z1.dtype, torch.float32)
-    r = (v.to(dt) - (z1 - z0).to(dt)).reshape(z1.shape[0], -1)
+    r = (v.to(dt) - target.to(dt)).reshape(z1.shape[0], -1)
     if loss == "l2":
         return (r**2).mean(dim=1).mean()
     if loss == "pseudo_huber":
@@ -69,7 +84,8 @@ def reflow_loss(
     raise ValueError(f"loss must be one of {REFLOW_LOSSES}, got {loss!r}")
 
 
-def check_options(distill_steps: int = 0, eps: float = 1e-3, loss: str = "l2", label_dropout: float = 0.0) -> None:
+def check_options(distill_steps: int = 0, eps: float = 1e-3, loss: str = "l2", label_dropout: float = 0.0,
+                  start_t: float = 0.0, end_t: float = 1.0) -> None:
     """``ValueError`` naming the first invalid :class:`ReflowMethod` option (checked before pairs are drawn)."""
     if not isinstance(distill_steps, int) or isinstance(distill_steps, bool) or distill_steps < 0:
         raise ValueError(f"distill_steps must be an int >= 0 (0 = reflow), got {distill_steps!r}")
@@ -79,6 +95,11 @@ def check_options(distill_steps: int = 0, eps: float = 1e-3, loss: str = "l2", l
         raise ValueError(f"loss must be one of {REFLOW_LOSSES}, got {loss!r}")
     if not isinstance(label_dropout, (int, float)) or not 0 <= label_dropout <= 1:
         raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
+    if not isinstance(start_t, (int, float)) or not 0 <= start_t <= eps:
+        raise ValueError(f"start_t must be in [0, eps = {eps}] (the path's start; training times are >= eps), "
+                         f"got {start_t!r}")
+    if not isinstance(end_t, (int, float)) or not eps < end_t <= 1:
+        raise ValueError(f"end_t must be in (eps = {eps}, 1], got {end_t!r}")
 
 
 class ReflowMethod(SingleNetworkMethod):
@@ -92,6 +113,8 @@ class ReflowMethod(SingleNetworkMethod):
         loss: one of :data:`REFLOW_LOSSES`.
         label_dropout: probability of the null label ``num_classes`` (0: the pairs' conditional coupling only).
         num_classes: defaults to ``net.num_classes`` (0 = unconditional; labels ignored).
+        start_t: where the straight path starts (see :func:`reflow_loss`; 0 = the RF code's path).
+        end_t: the largest training time (1 = data; < 1 for a teacher defined only down to a sigma_min > 0).
     """
 
     def __init__(
@@ -103,26 +126,29 @@ class ReflowMethod(SingleNetworkMethod):
         loss: str = "l2",
         label_dropout: float = 0.0,
         num_classes: int | None = None,
+        start_t: float = 0.0,
+        end_t: float = 1.0,
     ) -> None:
-        check_options(distill_steps, eps, loss, label_dropout)
+        check_options(distill_steps, eps, loss, label_dropout, start_t, end_t)
         if "z0" not in pairs or "z1" not in pairs or pairs["z0"].shape != pairs["z1"].shape:
             raise ValueError("pairs must hold 'z0' and 'z1' of one shape")
         self.net = net
         self.pairs = {k: v for k, v in pairs.items()}
         self.num_pairs = int(pairs["z0"].shape[0])
         self.distill_steps, self.eps, self.loss = distill_steps, float(eps), loss
+        self.start_t, self.end_t = float(start_t), float(end_t)
         self.label_dropout = float(label_dropout)
         self.num_classes = int(getattr(net, "num_classes", 0) if num_classes is None else num_classes)
         self.last_logs: dict[str, float] = {}
 
     def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` training times on ``generator``'s device: U[eps, 1] (reflow) or the k-point grid (distill)."""
+        """``n`` training times on ``generator``'s device: U[eps, end_t] (reflow) or the k-point grid (distill)."""
         if self.distill_steps == 0:
             u = torch.rand(n, generator=generator, device=generator.device)
-            return self.eps + (1 - self.eps) * u
+            return self.eps + (self.end_t - self.eps) * u
         k = self.distill_steps
         i = torch.randint(0, k, (n,), generator=generator, device=generator.device)
-        return i.to(torch.float32) / k * (1 - self.eps) + self.eps
+        return i.to(torch.float32) / k * (self.end_t - self.eps) + self.eps
 
     def step(
         self, batch: Mapping[str, torch.Tensor], step: int, generator: torch.Generator
@@ -133,12 +159,15 @@ class ReflowMethod(SingleNetworkMethod):
         idx = batch["index"].long() % self.num_pairs
         z0, z1 = self.pairs["z0"][idx], self.pairs["z1"][idx]
         t = self.sample_t(z0.shape[0], generator).to(dev)
-        cond: dict[str, Any] = {}
-        if self.num_classes and "label" in self.pairs:
-            labels = self.pairs["label"][idx]
-            cond["class_labels"] = drop_labels(labels, self.label_dropout, self.num_classes, generator)
         self.last_logs = {}
-        return {"main": reflow_loss(self.net, z0, z1, t, self.loss, **cond)}
+        return {"main": reflow_loss(self.net, z0, z1, t, self.loss, self.start_t, **self.condition(idx, generator))}
+
+    def condition(self, idx: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+        """The network's condition keywords for pair rows ``idx``: ``class_labels`` (with label dropout)."""
+        if not (self.num_classes and "label" in self.pairs):
+            return {}
+        labels = self.pairs["label"][idx]
+        return {"class_labels": drop_labels(labels, self.label_dropout, self.num_classes, generator)}
 
     def sampling_denoiser(self, net: nn.Module | None = None) -> RectifiedFlowDenoiser:
         """The EDM-contract denoiser of ``net`` (e.g. the EMA copy) or the training net."""
@@ -151,12 +180,14 @@ _PAIR_KEYS = {"num_pairs": 20000, "pair_solver": "heun", "pair_steps": 32, "pair
               "pair_sigma_max": RF_SIGMA_MAX, "pair_seed": 0, "pair_batch_size": 2048}
 
 
-def _pairs_for(cfg: Any, spec: dict[str, Any], loaded: Any) -> dict[str, torch.Tensor]:
+def _pairs_for(cfg: Any, spec: dict[str, Any], loaded: Any, denoiser: Any = None,
+               condition: Any = None) -> dict[str, torch.Tensor]:
     """Load the cached pairs of this spec from the run folder, or generate and cache them.
 
     ``spec["pair_classes"]`` (the student's class count, or None) decides whether the coupling is
     class-conditional: an unconditional student needs the teacher's *unconditional* ODE map, since a
-    conditional coupling is not a function of ``z0`` alone."""
+    conditional coupling is not a function of ``z0`` alone. ``denoiser`` (default ``loaded.denoiser``, e.g. a
+    CFG-guided one) and ``condition`` (labels -> keywords) are passed to :func:`generate_pairs`."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
@@ -170,9 +201,10 @@ def _pairs_for(cfg: Any, spec: dict[str, Any], loaded: Any) -> dict[str, torch.T
         if same:
             return load_file(str(path))
     pairs = generate_pairs(
-        loaded.denoiser, spec["num_pairs"], tuple(loaded.shape), solver=spec["pair_solver"],
+        loaded.denoiser if denoiser is None else denoiser, spec["num_pairs"], tuple(loaded.shape),
+        solver=spec["pair_solver"],
         steps=spec["pair_steps"], schedule=spec["pair_schedule"], sigma_max=spec["pair_sigma_max"],
-        sigma_min=loaded.sigma_min, num_classes=spec["pair_classes"],
+        sigma_min=loaded.sigma_min, num_classes=spec["pair_classes"], condition=condition,
         seed=spec["pair_seed"], batch_size=spec["pair_batch_size"], progress=bool(cfg.progress),
     )
     with atomic_write(path) as f:
@@ -190,6 +222,19 @@ def _teacher_net(loaded: Any, net: nn.Module, source: str) -> None:
         net.load_state_dict(den.net.state_dict())
     except RuntimeError as err:
         raise ValueError(f"network does not fit the teacher {source!r}'s net (init: teacher): {err}") from err
+
+
+def check_pair_spec(cfg: Any, spec: Mapping[str, Any], what: str = "reflow") -> None:
+    """``ValueError`` naming the first invalid ``method.pair_*`` / ``num_pairs`` option, or a data section that
+    is not ``{name: none, num_samples: num_pairs}`` (the method reads its pairs by index)."""
+    for k in ("num_pairs", "pair_steps", "pair_seed", "pair_batch_size"):
+        if not isinstance(spec[k], int) or isinstance(spec[k], bool) or spec[k] < (0 if k == "pair_seed" else 1):
+            raise ValueError(f"method.{k} must be an int >= {0 if k == 'pair_seed' else 1}, got {spec[k]!r}")
+    if spec["pair_schedule"] not in PAIR_SCHEDULES:
+        raise ValueError(f"method.pair_schedule must be one of {PAIR_SCHEDULES}, got {spec['pair_schedule']!r}")
+    if cfg.data.name != "none" or int(cfg.data.options.get("num_samples", -1)) != spec["num_pairs"]:
+        raise ValueError(f"{what} reads its pairs by index: set data: {{name: none, num_samples: {spec['num_pairs']}}}"
+                         f" (method.num_pairs); got data {cfg.data.name!r} {cfg.data.options}")
 
 
 def from_config(cfg: Any) -> ReflowMethod:
@@ -212,15 +257,9 @@ def from_config(cfg: Any) -> ReflowMethod:
     check_kwargs(ReflowMethod.__init__, {k: v for k, v in kw.items() if k != "pairs"}, "reflow method")
     if "pairs" in kw:
         raise ValueError("method.pairs is not a config option (the pairs come from method.teacher)")
-    check_options(**{k: kw[k] for k in ("distill_steps", "eps", "loss", "label_dropout") if k in kw})
-    for k in ("num_pairs", "pair_steps", "pair_seed", "pair_batch_size"):
-        if not isinstance(spec[k], int) or isinstance(spec[k], bool) or spec[k] < (0 if k == "pair_seed" else 1):
-            raise ValueError(f"method.{k} must be an int >= {0 if k == 'pair_seed' else 1}, got {spec[k]!r}")
-    if spec["pair_schedule"] not in PAIR_SCHEDULES:
-        raise ValueError(f"method.pair_schedule must be one of {PAIR_SCHEDULES}, got {spec['pair_schedule']!r}")
-    if cfg.data.name != "none" or int(cfg.data.options.get("num_samples", -1)) != spec["num_pairs"]:
-        raise ValueError(f"reflow reads its pairs by index: set data: {{name: none, num_samples: {spec['num_pairs']}}}"
-                         f" (method.num_pairs); got data {cfg.data.name!r} {cfg.data.options}")
+    check_options(**{k: kw[k] for k in ("distill_steps", "eps", "loss", "label_dropout", "start_t", "end_t")
+                     if k in kw})
+    check_pair_spec(cfg, spec)
     loaded = load_model(source)
     if loaded.denoiser is None:
         raise ValueError(f"method.teacher {source!r} is a one-step student; reflow needs an ODE (a denoiser)")

@@ -78,6 +78,7 @@ def generate_pairs(
     sigma_max: float = RF_SIGMA_MAX,
     sigma_min: float = 0.002,
     num_classes: int | None = None,
+    condition: Callable[[torch.Tensor], dict[str, Any]] | None = None,
     seed: int = 0,
     batch_size: int = 2048,
     device: str | torch.device = "cpu",
@@ -88,13 +89,17 @@ def generate_pairs(
 
     ``z0 ~ N(0, I)`` (drawn in one stream from ``seed``, so a pair does not depend on ``batch_size``),
     ``z1`` = the ODE endpoint from ``sigma_max * z0`` (``solver`` a fastgen solver name or ``"dopri5"``).
-    Class-conditional denoisers (``num_classes``) get balanced labels ``i % num_classes``. No gradients;
-    a module is put in eval mode for the solve and restored afterwards.
+    Class-conditional denoisers (``num_classes``) get balanced labels ``i % num_classes``; the denoiser
+    receives ``class_labels=labels`` or, with ``condition``, the keywords ``condition(labels)`` (e.g. the
+    embeddings of prompt ``i % num_classes``: the InstaFlow coupling). No gradients; a module is put in
+    eval mode for the solve and restored afterwards.
     """
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"num_pairs must be an int >= 1, got {num!r}")
     if not sigma_max > 0:
         raise ValueError(f"pair_sigma_max must be > 0, got {sigma_max}")
+    if condition is not None and not num_classes:
+        raise ValueError("condition needs num_classes (the number of conditions the labels index)")
     if solver != "dopri5":
         solve = get_solver(solver)  # ValueError naming the accepted solvers
         sigmas = pair_sigmas(schedule, steps, sigma_max, sigma_min)
@@ -110,7 +115,8 @@ def generate_pairs(
         with torch.no_grad():
             for a in tqdm(range(0, num, batch_size), disable=not progress, desc="reflow pairs"):
                 x = (z0[a : a + batch_size] * sigma_max).to(device)
-                cond = {} if labels is None else {"class_labels": labels[a : a + batch_size].to(device)}
+                rows = None if labels is None else labels[a : a + batch_size].to(device)
+                cond = {} if rows is None else (condition(rows) if condition else {"class_labels": rows})
                 if solver == "dopri5":
                     z1 = reference_solve(denoiser, x, sigma_max, 0.0, **cond)
                 else:
