@@ -46,6 +46,7 @@ from fastgen.core.solvers import SOLVERS  # noqa: E402
 from fastgen.samplers.auto import auto_schedules  # noqa: E402
 from fastgen.samplers.ays import for_solver, ode_validator, optimize_ays  # noqa: E402
 from fastgen.samplers.ld3 import LD3Options  # noqa: E402
+from fastgen.samplers.schedule import Schedule  # noqa: E402
 
 NFES = (4, 6, 8, 10)
 BEDS_DIR = RESULTS / "schedules_beds"
@@ -178,8 +179,15 @@ def bench_seed(bed: TestBed, seed: int, args: argparse.Namespace, fd: bool) -> d
             for karras in (False, True):
                 label = f"{name}{' Karras' if karras else ''}"
                 out["diffusers"].setdefault(nfe, {})[label] = _rmse(run_diffusers(name, karras, den, ev, nfe, ec), ref)
-        if fd and nfe == 4:
-            out["fd"], out["fd_noise"] = _fd_at_4(bed, best, g, args.fd_noise), args.fd_noise
+        if fd and nfe == 4:  # FD noises of their own, so they do not depend on what the search drew
+            g_fd = torch.Generator().manual_seed(1000 * seed + 99)
+            out["fd"], out["fd_noise"] = _fd_at_4(bed, best, g_fd, args.fd_noise), args.fd_noise
+            if best.method == "learned":  # the same noises through the schedule the learned solver started from
+                start = Schedule(torch.tensor(best.meta["base_sigmas"], dtype=torch.float64), solver=best.solver,
+                                 eval_sigmas=None if best.meta["base_eval_sigmas"] is None
+                                 else torch.tensor(best.meta["base_eval_sigmas"], dtype=torch.float64))
+                out["fd_base"] = _fd_at_4(bed, start, torch.Generator().manual_seed(1000 * seed + 99),
+                                          args.fd_noise)[0]
     for nfe in NFES:
         print(f"  nfe {nfe}: fastgen {out['fastgen'][nfe][0]:.4f} ({out['fastgen'][nfe][1]}), ays "
               f"{out['ays'][nfe][0]:.4f} ({out['ays'][nfe][1]}), best diffusers "
@@ -254,6 +262,10 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any
         verdict["fd"] = _ci(rel)
         text += (f"\n\nFD_digits at NFE 4 ({runs[0]['fd_noise']} noises): fastgen winner {_fmt(fast)}, converged "
                  f"teacher (reference ODE, same noises) {_fmt(teach)}; ratio **{_fmt(rel)}** (target <= 1.10).")
+        starts = [(r["fd_base"], r["fd"][1]) for r in runs if "fd_base" in r]
+        if starts:
+            text += (f" Where the NFE-4 winner is a learned solver ({len(starts)} of {len(runs)} seeds), its starting "
+                     f"schedule + solver on the same noises: FD / teacher {_fmt([a / b for a, b in starts])}.")
     return text, verdict
 
 

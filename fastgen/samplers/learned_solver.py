@@ -55,6 +55,8 @@ class LearnedSolverOptions:
     """Hyper-parameters of :func:`learn_solver`.
 
     - ``history``: previous denoiser outputs each step's combination may use (1-4).
+    - ``final_row``: also learn the last step's combination (the final estimate ``D'_{N-1}``); False
+      keeps the last denoiser output as it is (a sharper final estimate).
     - ``learn_schedule``: also move the knots (LD3 logits); ``decoupled``: also the evaluation offsets.
     - ``iterations``: Adam steps (full batch of the training noises, or minibatches of ``batch_size``).
     - ``lr``: Adam learning rate of the coefficients; ``lr_schedule``: of the logits and offsets.
@@ -64,9 +66,12 @@ class LearnedSolverOptions:
     - ``patience``: validations without a new best before the best state is reloaded and both learning
       rates are halved; the run stops after ``max_reductions`` such reductions.
     - ``train_fraction``: share of ``noise`` that trains when no validation noises are given.
+    - ``refit``: with that internal split, train again from the start on *all* of ``noise`` for the
+      number of steps (and learning rates) that gave the best validation error.
     """
 
     history: int = 3
+    final_row: bool = True
     learn_schedule: bool = True
     decoupled: bool = True
     iterations: int = 150
@@ -78,6 +83,7 @@ class LearnedSolverOptions:
     max_reductions: int = 3
     batch_size: int | None = None
     train_fraction: float = 0.5
+    refit: bool = False
 
     def check(self) -> None:
         def bad(name: str, accepted: str) -> ValueError:
@@ -107,7 +113,7 @@ class LearnedSolverOptions:
             raise bad("train_fraction", "in (0, 1)")
         if self.loss not in ("rmse", "global"):
             raise bad("loss", "'rmse' or 'global'")
-        for name in ("learn_schedule", "decoupled"):
+        for name in ("learn_schedule", "decoupled", "final_row", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
 
@@ -143,6 +149,8 @@ class _Learner:
         self.offsets = off.requires_grad_(opts.learn_schedule and opts.decoupled)
         self.use_offsets = opts.decoupled or base.eval_sigmas is not None
         self.mask = coefficient_mask(self.steps, opts.history)
+        if not opts.final_row:
+            self.mask[-1] = 0
         self.coeffs = torch.zeros(self.steps, opts.history, dtype=torch.float64, requires_grad=True)
         groups = [{"params": [self.coeffs], "lr": opts.lr}]
         sched_params = [t for t in (self.logits, self.offsets) if t.requires_grad]
@@ -177,6 +185,21 @@ class _Learner:
         with torch.no_grad():
             for t, v in zip((self.logits, self.offsets, self.coeffs), state):
                 t.copy_(v)
+
+
+def _step(lr_: _Learner, noise: torch.Tensor, targets: torch.Tensor, cond: dict[str, Any],
+          opts: LearnedSolverOptions, generator: torch.Generator | None) -> float:
+    """One Adam step on (a minibatch of) ``noise``; returns the fit loss."""
+    n = noise.shape[0]
+    bs = n if opts.batch_size is None or opts.batch_size >= n else opts.batch_size
+    idx = torch.randperm(n, generator=generator)[:bs] if bs < n else torch.arange(n)
+    lr_.opt.zero_grad()
+    out = lr_.run(noise[idx], split_cond(cond, n, idx))
+    fit = (rmse_distance(out, targets[idx]).mean() if opts.loss == "rmse"
+           else (out - targets[idx]).pow(2).mean().add(1e-20).sqrt())
+    (fit + opts.l2 * (lr_.coeffs * lr_.mask).pow(2).sum()).backward()
+    lr_.opt.step()
+    return float(fit.detach())
 
 
 def _check_base(base: Any) -> Schedule:
@@ -224,7 +247,8 @@ def learn_solver(
     Returns a :class:`Schedule` with ``method="learned"``, ``solver=base.solver``, ``nfe=base.nfe``,
     ``coefficients`` (steps, history) and ``eval_sigmas`` (if decoupled); ``objective`` is the best
     validation RMSE (never above the base's: the start is a candidate); ``meta`` holds the base's
-    method and validation error, iterations and time.
+    method, sigmas and eval sigmas (``base_method``, ``base_sigmas``, ``base_eval_sigmas``), its
+    validation error (``initial_validation``), iterations and time.
     """
     t0 = time.perf_counter()
     opts = replace(options or LearnedSolverOptions(), **{k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES})
@@ -241,7 +265,9 @@ def learn_solver(
     if targets.shape != noise.shape:
         raise ValueError(f"targets must have the shape of noise {tuple(noise.shape)}, got {tuple(targets.shape)}")
     m = noise.shape[0]
-    if val_noise is None:
+    full = (noise, targets, cond)
+    internal = val_noise is None
+    if internal:
         perm = torch.randperm(m, generator=generator)
         n_tr = min(max(1, int(round(m * opts.train_fraction))), m - 1)
         tr, va = perm[:n_tr], perm[n_tr:]
@@ -251,7 +277,6 @@ def learn_solver(
         val_cond = cond if val_cond is None else val_cond
         if val_targets is None:
             val_targets = teacher_endpoints(denoiser, val_noise * hi, hi, **val_cond)
-    n = noise.shape[0]
     lr_ = _Learner(denoiser, base, lo, hi, opts, noise.dtype)
 
     def validate() -> float:
@@ -261,33 +286,38 @@ def learn_solver(
     stop = Patience(opts.patience)
     stop.update(validate())
     init_val, best = stop.best, lr_.snapshot()
-    bs = n if opts.batch_size is None or opts.batch_size >= n else opts.batch_size
+    scale, scales, best_steps = 1.0, [], 0  # the learning-rate scale of every step; steps up to the best
     reductions, it_done = 0, 0
     bar = tqdm(range(opts.iterations), desc=f"learned {base.solver} nfe={base.nfe}", disable=not progress,
                leave=False)
     for _ in bar:
         it_done += 1
-        idx = torch.randperm(n, generator=generator)[:bs] if bs < n else torch.arange(n)
-        lr_.opt.zero_grad()
-        out = lr_.run(noise[idx], split_cond(cond, n, idx))
-        fit = (rmse_distance(out, targets[idx]).mean() if opts.loss == "rmse"
-               else (out - targets[idx]).pow(2).mean().add(1e-20).sqrt())
-        (fit + opts.l2 * (lr_.coeffs * lr_.mask).pow(2).sum()).backward()
-        lr_.opt.step()
+        fit = _step(lr_, noise, targets, cond, opts, generator)
+        scales.append(scale)
         val = validate()
         verdict = stop.update(val)
         if verdict == "best":
-            best = lr_.snapshot()
+            best, best_steps = lr_.snapshot(), it_done
         elif verdict == "reduce":
             lr_.restore(best)
             reductions += 1
             if reductions > opts.max_reductions:
                 break
+            scale *= 0.5
             for group in lr_.opt.param_groups:
                 group["lr"] *= 0.5
-        bar.set_postfix(fit=f"{float(fit.detach()):.4g}", val=f"{val:.4g}", best=f"{stop.best:.4g}")
+        bar.set_postfix(fit=f"{fit:.4g}", val=f"{val:.4g}", best=f"{stop.best:.4g}")
     bar.close()
     lr_.restore(best)
+    if opts.refit and internal and best_steps > 0:
+        # the same number of steps, at the same learning rates, on every fit noise (no restores)
+        lr_ = _Learner(denoiser, base, lo, hi, opts, noise.dtype)
+        base_lrs = [group["lr"] for group in lr_.opt.param_groups]
+        for sc in scales[:best_steps]:
+            for group, lr0 in zip(lr_.opt.param_groups, base_lrs):
+                group["lr"] = lr0 * sc
+            _step(lr_, *full, opts, generator)
+        noise = full[0]
     with torch.no_grad():
         sig, ev, c = lr_.build()
     return Schedule(
@@ -295,8 +325,10 @@ def learn_solver(
         eval_sigmas=ev, coefficients=c,
         meta={
             "objective_name": "validation endpoint RMSE to the exact ODE",
-            "base_method": base.method, "initial_validation": init_val, "sigma_min": lo, "sigma_max": hi,
-            "history": opts.history, "l2": opts.l2, "train": int(n), "validation": int(val_noise.shape[0]),
+            "base_method": base.method, "base_sigmas": base.sigmas.tolist(),
+            "base_eval_sigmas": None if base.eval_sigmas is None else base.eval_sigmas.tolist(),
+            "initial_validation": init_val, "sigma_min": lo, "sigma_max": hi,
+            "history": opts.history, "l2": opts.l2, "train": int(noise.shape[0]), "refit": bool(opts.refit), "validation": int(val_noise.shape[0]),
             "iterations": it_done, "optimization_seconds": round(time.perf_counter() - t0, 3),
         },
     )
