@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a model from a YAML config (EDM / flow teachers with optional DDPM-IP input perturbation, "
-        "shortcut, GFT, reflow / 2-rectified flow and its one-step distillation; shipped: fastgen train NAME, "
+        "shortcut, GFT, reflow / 2-rectified flow and its one-step distillation, InstaFlow; shipped: fastgen train NAME, "
         "or a YAML path)",
         description="Train with fastgen's accelerate trainer. The run directory (output_dir) receives "
         "config.yaml, metrics.jsonl and checkpoints/; re-running resumes from the latest checkpoint.",
