@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import fastgen.distill  # noqa: F401  (registers the distillation methods: fdistill, sfd, boss, ...)
     from fastgen.train import Trainer, load_config
 
     if args.export:  # checked before training, not after it
