@@ -143,6 +143,25 @@ def test_exported_pipeline_one_step_euler_equals_fastgen_and_loads_through_the_d
     again = build_method(cfg)
     assert (tmp_path / "run" / PAIRS_FILE).is_file()
     assert torch.equal(again.pairs["z1"], tr.method.pairs["z1"])
+    # ... unless the teacher folder's weights changed (same config, so the same identity): then they are redrawn
+    import os
+
+    from safetensors import safe_open
+
+    def cached_spec() -> dict:
+        with safe_open(str(tmp_path / "run" / PAIRS_FILE), "pt") as f:
+            return json.loads(f.metadata()["spec"])
+
+    before = cached_spec()
+    w = next((sd_folder / "unet").glob("*.safetensors"))
+    st = w.stat()
+    os.utime(w, (st.st_atime, st.st_mtime + 10))
+    try:
+        build_method(cfg)
+        after = cached_spec()
+    finally:
+        os.utime(w, (st.st_atime, st.st_mtime))
+    assert after["teacher"] == before["teacher"] and after["teacher_files"] != before["teacher_files"]
 
 
 def test_flow_pipeline_keeps_its_scheduler(tmp_path):

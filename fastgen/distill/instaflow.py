@@ -192,7 +192,7 @@ def from_config(cfg: Any) -> InstaFlowMethod:
     """Factory for ``method: {name: instaflow, teacher, prompts, guidance, negative_prompt, num_pairs,
     pair_solver, pair_steps, pair_schedule, pair_seed, pair_batch_size, distill_steps, loss}`` (module docstring)."""
     from fastgen.data.prompts import embed_prompts, read_prompts
-    from fastgen.distill.t2i import _resolve
+    from fastgen.distill.t2i import _model_key, _resolve
     from fastgen.models import load_model
     from fastgen.samplers.guidance import CFGDenoiser
     from fastgen.train.method import method_kwargs
@@ -225,8 +225,10 @@ def from_config(cfg: Any) -> InstaFlowMethod:
     emb = embed_prompts(texts + [negative], loaded.encode_prompt)
     table = PromptTable({k: v[:-1] for k, v in emb.items()}, {k: v[-1:] for k, v in emb.items()})
     guided = CFGDenoiser(loaded.denoiser, guidance, uncond=table.null(1))
+    # the identity fingerprints config + sigma range only: the weights' files (sizes, mtimes) are in the spec too,
+    # so pairs cached for a teacher folder that was since retrained (a stage-1 run) are regenerated, not reused
     spec.update(pair_sigma_max=loaded.sigma_max, pair_classes=len(texts), teacher=loaded.identity(),
-                prompts=texts, guidance=guidance, negative_prompt=negative)
+                teacher_files=_model_key(source), prompts=texts, guidance=guidance, negative_prompt=negative)
     pairs = _pairs_for(cfg, spec, loaded, guided, lambda rows: table(rows))
     student = copy.deepcopy(loaded.denoiser).train()
     student.model.requires_grad_(True)
