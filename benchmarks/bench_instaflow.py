@@ -7,9 +7,9 @@ card's protocol, :mod:`benchmarks.bench_distill_pipelines`):
 
 - ``digits-sd`` (teacher, CFG 1.5 against the empty prompt, its card's scale): rectified-flow Euler (fastgen's
   ``euler`` on the grid uniform in rectified-flow t from ``sigma_max``) at 1, 2, 4 and 25 steps;
-- the 2-rectified flow (``fastgen train digits-sd-instaflow-2rf``; guidance 1, CFG is in its coupling) at the
+- the 2-rectified flow (``fastgen distill digits-sd-instaflow-2rf``; guidance 1, CFG is in its coupling) at the
   same steps;
-- the one-step InstaFlow student (``fastgen train digits-sd-instaflow``) at 1 step; and the shipped f-distill
+- the one-step InstaFlow student (``fastgen distill digits-sd-instaflow``) at 1 step; and the shipped f-distill
   student ``digits-sd-fdistill-js`` (1 step) for comparison.
 
 Straightness ``S`` (:func:`fastgen.train.reflow_pairs.straightness`, 100 Euler steps, 300 noises, normalised

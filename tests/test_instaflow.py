@@ -190,3 +190,71 @@ def test_data_section_must_index_the_pairs(tmp_path, sd_folder):
     cfg.data.options["num_samples"] = 5
     with pytest.raises(ValueError, match="instaflow reads its pairs by index"):
         build_method(cfg)
+
+
+def _write_yaml(path, cfg: dict):
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli_cfg(tmp_path, name, **method):
+    m = {"name": "instaflow", "prompts": PROMPTS, "guidance": 1.0, "num_pairs": 12, "pair_steps": 3,
+         "pair_batch_size": 6, "distill_steps": 0, **method}
+    return {"name": name, "output_dir": str(tmp_path / name), "seed": 0, "steps": 2, "batch_size": 4,
+            "log_every": 1, "checkpoint_every": 100, "num_threads": 1,
+            "data": {"name": "none", "num_samples": 12}, "method": m, "optim": {"lr": 1e-3}, "ema": {"decay": 0.5}}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_fastgen_distill_runs_both_stages_and_ships_a_one_step_student(tmp_path, kind, capsys):
+    """``fastgen distill`` of a one-step config with ``method.stage1``: stage 1 is trained first (its pipeline
+    folder appears), stage 2's teacher is that folder, and the one-step student (student.json) names stage 1's
+    teacher as its pipeline, loads through load_model and OneStepPipeline, and equals ``D(sigma_max z,
+    sigma_max)`` of the exported stage-2 pipeline's network (one rectified-flow Euler step); a second call finds
+    stage 1's pipeline and does not retrain it."""
+    from fastgen.cli import main
+    from fastgen.distill import OneStepPipeline
+    from fastgen.models import load_model
+
+    teacher = (save_sd_pipeline if kind == "sd" else save_sd3_pipeline)(tmp_path / kind)
+    first = _write_yaml(tmp_path / "s1.yaml", _cli_cfg(tmp_path, "s1", teacher=str(teacher)))
+    second = _write_yaml(tmp_path / "s2.yaml", _cli_cfg(tmp_path, "s2", stage1=str(first), distill_steps=1,
+                                                        pair_seed=1))
+    assert main(["distill", str(second), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "training the 2-rectified flow first" in out and "one-step student" in out
+    s1_pipe = tmp_path / "s1" / "pipeline"
+    assert (s1_pipe / "model_index.json").is_file()
+    doc = json.loads((tmp_path / "s2" / "student.json").read_text())
+    assert doc["pipeline"] == str(teacher) and doc["metadata"]["teacher"] == str(s1_pipe)
+    student = load_model(tmp_path / "s2" / "student.json")
+    ref = load_model(tmp_path / "s2" / "pipeline")  # the stage-2 pipeline folder: same network weights
+    assert student.kind == "student" and student.conditioning == "prompt"
+    z = torch.randn((3, *ref.shape), generator=torch.Generator().manual_seed(5))
+    cond, _ = ref.condition(3, prompts=PROMPTS)
+    with torch.no_grad():
+        expected = ref.denoiser(z * ref.sigma_max, torch.full((3,), ref.sigma_max), **cond)
+        got = student.generator(z, student.condition(3, prompts=PROMPTS)[0])
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    pipe = OneStepPipeline.from_pretrained(tmp_path / "s2")
+    imgs = pipe(prompt=PROMPTS, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert imgs.shape[0] == 3 and torch.isfinite(imgs).all()
+    assert main(["distill", str(second), "--no-progress"]) == 0  # resumes: stage 1 is reused, not retrained
+    assert "using its pipeline" in capsys.readouterr().out
+
+
+def test_fastgen_distill_instaflow_refuses_bad_stage_configs(tmp_path, sd_folder, capsys):
+    from fastgen.cli import main
+
+    first = _write_yaml(tmp_path / "s1.yaml", _cli_cfg(tmp_path, "s1", teacher=str(sd_folder), distill_steps=1))
+    both = _write_yaml(tmp_path / "b.yaml", _cli_cfg(tmp_path, "b", stage1=str(first), teacher=str(sd_folder)))
+    not_rf = _write_yaml(tmp_path / "n.yaml", _cli_cfg(tmp_path, "n", stage1=str(first), distill_steps=1))
+    rf = _write_yaml(tmp_path / "r.yaml", _cli_cfg(tmp_path, "r", teacher=str(sd_folder)))
+    for argv, needle in (([str(both)], "method.teacher, not both"),
+                         ([str(not_rf)], "must be an instaflow 2-rectified-flow config"),
+                         ([str(rf), "--export", "x-if"], "--export writes a one-step student")):
+        assert main(["distill", *argv]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "r").exists()

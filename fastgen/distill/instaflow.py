@@ -1,6 +1,7 @@
 """InstaFlow (Liu, Zhang, Ma, Peng, Liu, ICLR 2024): text-conditioned reflow of a Diffusers pipeline, then one step.
 
-Method ``instaflow`` on the shared Trainer (``fastgen train NAME``); each run ends in a Diffusers pipeline
+Method ``instaflow`` on the shared Trainer (``fastgen distill NAME``, or ``fastgen train CONFIG.yaml``); each
+run ends in a Diffusers pipeline
 folder ``<output_dir>/pipeline/`` that ``DiffusionPipeline.from_pretrained``, :func:`fastgen.models.load_model`
 and ``fastgen sample --model`` load (the run folder itself loads as that pipeline too):
 
@@ -12,7 +13,10 @@ and ``fastgen sample --model`` load (the run folder itself loads as that pipelin
    CFG is baked into the coupling: sample the result at guidance 1.
 2. **One-step distillation** (``distill_steps: 1``, ``teacher: <run 1>/pipeline``, ``guidance: 1``): fresh pairs
    of the straightened flow and ``t`` fixed at the start (the paper's "fix t = 0" stage with its L2 loss; LPIPS
-   is not available offline). The result is valid for one Euler step only (reflow card, pitfall 4).
+   is not available offline). The result is valid for one Euler step only (reflow card, pitfall 4), and is
+   also written as a fastgen one-step student (:meth:`InstaFlowMethod.one_step_student`: that Euler step is
+   ``D(sigma_max z, sigma_max)`` exactly). ``fastgen distill`` chains the stages: a one-step config's
+   ``method.stage1`` names the 2-RF config, trained first when its pipeline folder is absent.
 
 **Parametrisation (differs from the paper, on purpose).** InstaFlow re-purposes SD's epsilon UNet as a
 velocity network (its output changes meaning). Here the trainable network stays the pipeline's own (``unet``
@@ -52,6 +56,7 @@ from torch import nn
 
 from fastgen.core.denoiser import rf_velocity
 from fastgen.distill.t2i import PromptTable
+from fastgen.models.onestep import OneStepStudent
 from fastgen.train.reflow import ReflowMethod, check_options, check_pair_spec
 
 __all__ = ["PipelineVelocity", "InstaFlowMethod", "export_pipeline", "from_config", "PIPELINE_DIR"]
@@ -94,11 +99,16 @@ class InstaFlowMethod(ReflowMethod):
         sigma_range: the teacher's VE ``(sigma_min, sigma_max)``: ``eps = start_t = 1/(1 + sigma_max)``,
             ``end_t = 1/(1 + sigma_min)``.
         card: lines for the exported pipeline's README (teacher, guidance, pairs).
+        recipe: the student recipe (:func:`fastgen.distill.teacher.teacher_recipe` of the teacher, plus
+            ``"pipeline"``: the load_model source whose tokenizer, text encoders and VAE the exported one-step
+            student uses); needed by :meth:`one_step_student` only.
+        sample_shape: per-sample latent shape ``(C, H, W)`` (the one-step student's ``z``).
     """
 
     def __init__(self, net: PipelineVelocity, pairs: Mapping[str, torch.Tensor], table: PromptTable,
                  teacher_path: str | Path, sigma_range: tuple[float, float], distill_steps: int = 0,
-                 loss: str = "l2", card: list[str] | None = None) -> None:
+                 loss: str = "l2", card: list[str] | None = None, recipe: Mapping[str, Any] | None = None,
+                 sample_shape: tuple[int, ...] = ()) -> None:
         lo, hi = (float(v) for v in sigma_range)
         a, end = 1.0 / (1.0 + hi), 1.0 / (1.0 + lo)
         if "label" not in pairs:
@@ -108,6 +118,9 @@ class InstaFlowMethod(ReflowMethod):
         self.table = table.eval().requires_grad_(False)
         self.teacher_path = Path(teacher_path)
         self.card = list(card or [])
+        self.sigma_max = hi
+        self.recipe = dict(recipe) if recipe is not None else None
+        self.sample_shape = tuple(int(s) for s in sample_shape)
 
     def frozen(self) -> dict[str, nn.Module]:
         return {"prompts": self.table}
@@ -119,6 +132,22 @@ class InstaFlowMethod(ReflowMethod):
     def sampling_denoiser(self, net: nn.Module | None = None) -> nn.Module:
         """The VE denoiser (EDM contract) of ``net`` (e.g. the EMA copy) or the training net."""
         return (net if net is not None else self.net).denoiser
+
+    def one_step_student(self, net: PipelineVelocity) -> OneStepStudent:
+        """The one-step run (``distill_steps == 1``) as a fastgen one-step student: ``x = D(sigma_max z,
+        sigma_max)`` with ``net``'s VE denoiser (a copy).
+
+        This is the single rectified-flow Euler step exactly: from ``x_a = (1 - a) z`` at ``a = 1/(1 +
+        sigma_max)``, ``x_1 = x_a + (1 - a) v(x_a, a)`` and ``v = (D(x_a / a, (1 - a)/a) - x_a)/(1 - a)``
+        give ``x_1 = D(sigma_max z, sigma_max)``, the same call an f-distill text-to-image student makes, so
+        it saves, loads and samples as one (``student.json``, :class:`fastgen.distill.OneStepPipeline`)."""
+        if self.distill_steps != 1:
+            raise ValueError(f"a one-step student needs an instaflow run with distill_steps: 1, this run has "
+                             f"distill_steps: {self.distill_steps} (sample it as a pipeline instead)")
+        if self.recipe is None:
+            raise ValueError("this InstaFlowMethod has no student recipe (build it with from_config)")
+        den = copy.deepcopy(net.denoiser).eval().requires_grad_(False)
+        return OneStepStudent(den, sigma=self.sigma_max, recipe=self.recipe)
 
     def export(self, net: nn.Module, folder: str | Path) -> Path:
         """Write ``folder``: the teacher's pipeline folder with ``net``'s network (see :func:`export_pipeline`)."""
@@ -189,8 +218,10 @@ def _check_guidance(w: Any) -> float:
 
 
 def from_config(cfg: Any) -> InstaFlowMethod:
-    """Factory for ``method: {name: instaflow, teacher, prompts, guidance, negative_prompt, num_pairs,
-    pair_solver, pair_steps, pair_schedule, pair_seed, pair_batch_size, distill_steps, loss}`` (module docstring)."""
+    """Factory for ``method: {name: instaflow, teacher, base_pipeline, prompts, guidance, negative_prompt,
+    num_pairs, pair_solver, pair_steps, pair_schedule, pair_seed, pair_batch_size, distill_steps, loss}`` (module
+    docstring). ``base_pipeline`` (default ``teacher``): the pipeline whose tokenizer, text encoders and VAE the
+    one-step student names (``fastgen distill`` sets it to stage 1's teacher when ``stage1`` is given)."""
     from fastgen.data.prompts import embed_prompts, read_prompts
     from fastgen.distill.t2i import _model_key, _resolve
     from fastgen.models import load_model
@@ -207,6 +238,9 @@ def from_config(cfg: Any) -> InstaFlowMethod:
     if prompts in (None, "", []):
         raise ValueError("method.prompts is required: a prompt file (one prompt a line) or a list of prompts")
     guidance = _check_guidance(kw.pop("guidance", 1.0))
+    base = kw.pop("base_pipeline", source)
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"method.base_pipeline must name a text-to-image pipeline (load_model source), got {base!r}")
     negative = kw.pop("negative_prompt", "")
     if not isinstance(negative, str):
         raise ValueError(f"method.negative_prompt must be a string, got {negative!r}")
@@ -214,7 +248,7 @@ def from_config(cfg: Any) -> InstaFlowMethod:
     unknown = sorted(set(kw) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"unknown instaflow method option(s) {unknown}; accepted: "
-                         f"{['teacher', 'prompts', 'guidance', 'negative_prompt', *_PAIR_KEYS, *_OPTIONS]}")
+                         f"{['teacher', 'base_pipeline', 'prompts', 'guidance', 'negative_prompt', *_PAIR_KEYS, *_OPTIONS]}")
     check_options(**kw)
     check_pair_spec(cfg, spec, "instaflow")
     texts = read_prompts(_resolve(prompts) if isinstance(prompts, str) else prompts)
@@ -237,5 +271,8 @@ def from_config(cfg: Any) -> InstaFlowMethod:
             f"- couplings: {spec['num_pairs']} pairs, {spec['pair_solver']} {spec['pair_steps']} steps "
             f"({spec['pair_schedule']}), VE sigma {loaded.sigma_max:.4g} -> 0, seed {spec['pair_seed']}",
             f"- training: {cfg.steps} steps, batch {cfg.batch_size}, loss {kw.get('loss', 'l2')}, seed {cfg.seed}"]
+    from fastgen.distill.teacher import teacher_recipe
+
+    recipe = {**teacher_recipe(loaded), "pipeline": base}
     return InstaFlowMethod(PipelineVelocity(student), pairs, table, loaded.info["path"], loaded.sigma_range,
-                           card=card, **kw)
+                           card=card, recipe=recipe, sample_shape=tuple(loaded.shape), **kw)

@@ -309,7 +309,10 @@ def _flux_mu(sched_cfg: dict[str, Any], seq_len: int) -> float:
 def _prompt_encoder(pipe: Any, device: Any):
     """``texts -> condition keywords`` of the pipeline's denoiser network (no grad, detached).
 
-    Flux: T5 padded to ``min(512, tokenizer_2.model_max_length)`` tokens (FluxPipeline's default 512)."""
+    Flux: T5 padded to ``min(512, tokenizer_2.model_max_length)`` tokens (FluxPipeline's default 512); SD3: T5
+    padded to ``min(256, tokenizer_3.model_max_length)`` (StableDiffusion3Pipeline's default 256, capped by the
+    tokenizer's length: the digits-sd3 pipeline was trained with 16 T5 tokens, and 256 would feed its
+    transformer 240 padding tokens it never saw, at 8x the attention cost)."""
     sd3 = "StableDiffusion3" in type(pipe).__name__
     flux = "Flux" in type(pipe).__name__
 
@@ -322,8 +325,11 @@ def _prompt_encoder(pipe: Any, device: Any):
                                                 num_images_per_prompt=1, max_sequence_length=n_max)
             return {"encoder_hidden_states": emb.detach(), "pooled_projections": pooled.detach()}
         if sd3:
+            tok = getattr(pipe, "tokenizer_3", None)
+            n_max = min(256, int(getattr(tok, "model_max_length", 256) or 256))
             emb, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
-                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
+                                                   num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                   max_sequence_length=n_max)
             return {"encoder_hidden_states": emb.detach(), "pooled_projections": pooled.detach()}
         emb, _ = pipe.encode_prompt(texts, device, 1, False)
         return {"encoder_hidden_states": emb.detach()}
