@@ -100,7 +100,10 @@ def test_coupling_is_the_cfg_guided_ode_and_gradients_reach_the_network_only(tmp
     sigmas = pair_sigmas("karras", 3, ref.sigma_max, ref.sigma_min)
     with torch.no_grad():
         z1 = heun(guided, pairs["z0"] * ref.sigma_max, sigmas, **cond)
-    assert torch.allclose(pairs["z1"], z1, rtol=1e-5, atol=1e-5)
+    # float32 through the network, pairs drawn in batches of 5 vs 12 here: rounding differs per batch size, so
+    # the error is ~1e-7 of the latents' scale (|z1| reaches ~60 for this random pipeline), times CFG 2.0's
+    # amplification (3x) and 5 evaluations; 1e-5 of the scale bounds it (measured 7.7e-7)
+    assert float((pairs["z1"] - z1).abs().max()) <= 1e-5 * float(z1.abs().max())
     # times: start_t = eps = 1/(1 + sigma_max), end_t = 1/(1 + sigma_min)
     assert m.eps == m.start_t == pytest.approx(1 / (1 + ref.sigma_max))
     assert m.end_t == pytest.approx(1 / (1 + ref.sigma_min))
