@@ -1,8 +1,10 @@
 """One-step text-to-image students of the shipped pipelines vs their teachers (issue 16, first Done-when).
 
-For each pair (``digits-sd`` -> ``digits-sd-fdistill-js``, ``digits-sd3`` -> ``digits-sd3-fdistill-js``; the
-students are the shipped folders under ``fastgen/models/weights/`` unless ``--students`` names others), both
-loaded through ``fastgen.models.load_model``:
+For each teacher and its one-step students (``digits-sd`` -> ``digits-sd-instaflow`` (``fastgen distill
+digits-sd-instaflow``) and ``digits-sd-fdistill-js`` (``fastgen distill digits-sd``); ``digits-sd3`` ->
+``digits-sd3-instaflow`` and ``digits-sd3-fdistill-js``; the students are the shipped folders under
+``fastgen/models/weights/`` unless ``--students`` names others; absent ones are reported as absent), all loaded
+through ``fastgen.models.load_model``:
 
 - student: 100 samples per class from the prompt "a handwritten digit <class>" (the teacher card's protocol),
   one network call each, noise from ``torch.Generator().manual_seed(1000 * seed + class)``, seeds 0, 1, 2;
@@ -35,7 +37,9 @@ from fastgen.models.sources import PIPELINES_DIR
 from fastgen.models.zoo import WEIGHTS_DIR
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-PAIRS = {"digits-sd": "digits-sd-fdistill-js", "digits-sd3": "digits-sd3-fdistill-js"}
+#: teacher -> its shipped one-step students (the first is the one the Done-when bar is checked on first).
+PAIRS = {"digits-sd": ["digits-sd-instaflow", "digits-sd-fdistill-js"],
+         "digits-sd3": ["digits-sd3-instaflow", "digits-sd3-fdistill-js"]}
 SEEDS = (0, 1, 2)
 
 
@@ -119,7 +123,7 @@ def report(results: list[dict[str, Any]], per_class: int, missing: list[str] | N
         "over training seeds). Teacher numbers: its model card, read when this ran. Bar (issue 16): accuracy "
         ">= 0.9 and FD_digits <= 1.5x the teacher's.\n\n" + table + "\n\nStudents: "
         + "; ".join(f"`{r['student']}` (its card has the exact `fastgen distill` command)" for r in results) + "."
-        + "".join(f"\n\nNo shipped student for `{p}` (`{PAIRS[p]}` is absent): not measured." for p in missing or [])
+        + "".join(f"\n\nNo shipped student `{m}`: not measured." for m in missing or [])
     )
 
 
@@ -145,32 +149,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--students", nargs="+", metavar="PIPELINE=STUDENT", default=[],
                     help="student sources other than the shipped ones, e.g. digits-sd=runs/digits-sd-fdistill-js")
     ap.add_argument("--only", nargs="+", choices=sorted(PAIRS), default=sorted(PAIRS))
-    ap.add_argument("--ship", nargs="+", metavar="PIPELINE=RUN_DIR", default=[],
-                    help="first copy a run's student into the shipped student folder (float16), then measure")
+    ap.add_argument("--ship", nargs="+", metavar="NAME=RUN_DIR", default=[],
+                    help="first copy a run's student into the shipped student folder NAME (float16), then measure")
     args = ap.parse_args(argv)
+    shipped = [n for names in PAIRS.values() for n in names]
     for spec in args.ship:
         k, _, v = spec.partition("=")
-        if k not in PAIRS or not v:
-            raise SystemExit(f"--ship takes PIPELINE=RUN_DIR with PIPELINE in {sorted(PAIRS)}, got {spec!r}")
-        print("shipped", ship(v, PAIRS[k]))
-    pairs = dict(PAIRS)
+        if k not in shipped or not v:
+            raise SystemExit(f"--ship takes NAME=RUN_DIR with NAME in {shipped}, got {spec!r}")
+        print("shipped", ship(v, k))
+    pairs = {k: list(v) for k, v in PAIRS.items()}
     for spec in args.students:
         if "=" not in spec or spec.split("=", 1)[0] not in PAIRS:
             raise SystemExit(f"--students takes PIPELINE=STUDENT with PIPELINE in {sorted(PAIRS)}, got {spec!r}")
         k, v = spec.split("=", 1)
-        pairs[k] = v
+        pairs[k] = [v]
     per_class = 20 if args.quick else 100
     results, missing = [], []
     for pipeline in args.only:
-        student = pairs[pipeline]
-        if student == PAIRS[pipeline] and not (WEIGHTS_DIR / student / "student.json").is_file():
-            print(f"skip {pipeline}: no shipped student {student}")
-            missing.append(pipeline)
-            continue
-        r = measure(pipeline, student, per_class, args.measure_teacher)
-        print(f"{pipeline} -> {student}: FD {_ci(r['fd'])}, acc {_ci(r['accuracy'])}, {r['ratio']:.2f}x the card's "
-              f"FD {r['card']['fd']}, pass={r['pass']}", flush=True)
-        results.append(r)
+        for student in pairs[pipeline]:
+            if student in PAIRS[pipeline] and not (WEIGHTS_DIR / student / "student.json").is_file():
+                print(f"skip {pipeline}: no shipped student {student}")
+                missing.append(student)
+                continue
+            r = measure(pipeline, student, per_class, args.measure_teacher)
+            print(f"{pipeline} -> {student}: FD {_ci(r['fd'])}, acc {_ci(r['accuracy'])}, {r['ratio']:.2f}x the "
+                  f"card's FD {r['card']['fd']}, pass={r['pass']}", flush=True)
+            results.append(r)
     if results and not args.quick:
         print(write_section("distill_pipelines", "One-step text-to-image students of digits-sd / digits-sd3",
                             report(results, per_class, missing)))

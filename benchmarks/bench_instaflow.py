@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = Path(args.runs)
     t0 = time.perf_counter()
     teacher, rf2 = load_model("digits-sd"), load_model(runs / "digits-sd-instaflow-2rf")
-    one = load_model(runs / "digits-sd-instaflow")
+    one = load_model(runs / "digits-sd-instaflow")  # its one-step student (student.json, fastgen distill)
     res: dict[str, Any] = {"teacher": {}, "2rf": {}}
     for k in STEPS:
         res["teacher"][k] = over_seeds(lambda s, k=k: euler_samples(teacher, 1.5, k, per, s))
         res["2rf"][k] = over_seeds(lambda s, k=k: euler_samples(rf2, 1.0, k, per, s))
-    res["instaflow"] = over_seeds(lambda s: euler_samples(one, 1.0, 1, per, s))
+    res["instaflow"] = over_seeds(lambda s: student_samples(one, per, s))  # == one RF Euler step of its pipeline
     fdistill = load_model("digits-sd-fdistill-js")
     res["fdistill"] = over_seeds(lambda s: student_samples(fdistill, per, s))
     res["S"] = {"teacher": straight(teacher, 1.5, 60 if args.quick else 300),
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{per} samples per class from \"a handwritten digit <class>\", VAE-decoded; FD_digits vs the digits test "
         "split; accuracy of the digits classifier on the prompted class; means over noise seeds 0, 1, 2 with 95% "
         "Student-t intervals (one training run, seed 0, per model: the intervals are over sampling noise). "
-        "Rectified-flow Euler on the grid uniform in t from the teacher's sigma_max 14.6. Runs: `fastgen train "
-        "digits-sd-instaflow-2rf` (12000 CFG-1.5 Heun-16 couplings, 2000 steps, batch 64), then `fastgen train "
+        "Rectified-flow Euler on the grid uniform in t from the teacher's sigma_max 14.6. Runs: `fastgen distill "
+        "digits-sd-instaflow-2rf` (12000 CFG-1.5 Heun-16 couplings, 2000 steps, batch 64), then `fastgen distill "
         "digits-sd-instaflow` (12000 couplings of the 2-RF, t fixed at the start, L2, 1500 steps).\n\n"
         + table
         + f"\n\nStraightness S / E||chord||^2 (100 Euler steps, 300 noises): digits-sd guided flow "

@@ -174,6 +174,8 @@ def load_run(run: Path, ckpt: Path | None, device: Any, name: str) -> LoadedMode
     if method.get("name") == "instaflow":  # the run's exported Diffusers pipeline (fastgen.distill.instaflow)
         folder = run / "pipeline"
         latest = ckpt is None or ckpt == zoo.latest_checkpoint_of(run / "checkpoints")
+        if latest and (run / "student.json").is_file():  # a one-step run written by fastgen distill: its student
+            return load_student_files(run / "student.json", device, name)
         if latest and (folder / "model_index.json").is_file():
             return load_pipeline(folder, device, name)
         raise ValueError(f"{name!r} is an instaflow run: sample its exported pipeline ({folder}, written when "
