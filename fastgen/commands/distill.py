@@ -28,18 +28,19 @@ from typing import Any
 
 from fastgen.commands._configs import add_config_arguments, resolve_config
 
-#: Methods ``fastgen distill`` runs (f-distill; SFD and BOSS few-step students).
+#: Methods ``fastgen distill`` runs (f-distill / Uni-Instruct one-step; InstaFlow; SFD and BOSS few-step).
 DISTILL_METHODS = ("fdistill", "uni_instruct", "instaflow", "sfd", "boss")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "distill",
-        help="distill a student (f-distill / DMD2 one-step, SFD few-step, BOSS straightening) from a shipped "
-        "config NAME or a YAML path",
+        help="distill a student (f-distill / DMD2 one-step, InstaFlow one-step, SFD few-step, BOSS straightening) "
+        "from a shipped config NAME or a YAML path",
         description="Train a student with fastgen's trainer: a one-step student by f-divergence distribution "
-        "matching (method fdistill), an SFD few-step student (sfd: digits-sfd, digits-sfd-v) or a BOSS-straightened "
-        "model on its DP Euler schedule (boss: digits-boss). Re-running resumes from the latest checkpoint in "
+        "matching (method fdistill), an InstaFlow one-step text-to-image student (instaflow: digits-sd-instaflow, "
+        "digits-sd3-instaflow; its 2-rectified-flow stage 1 is trained first when missing), an SFD few-step "
+        "student (sfd: digits-sfd, digits-sfd-v) or a BOSS-straightened model on its DP Euler schedule (boss: digits-boss). Re-running resumes from the latest checkpoint in "
         "output_dir.",
     )
     add_config_arguments(p, "distill", "digits-js")
