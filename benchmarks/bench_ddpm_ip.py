@@ -11,7 +11,8 @@ Each EMA model is sampled with Euler (= DDIM in VE space) at 5, 10, 20 steps and
 rho = 7), 900 samples (90 per class, noise seed 1000 + seed), scored by FD_digits against the test split.
 Intervals: 95% Student-t over seeds (``fastgen.metrics.coverage.mean_ci``).
 
-Runs go to ``runs/bench_ddpm_ip/`` (re-running resumes or reuses them). Writes ``benchmarks/results/ddpm_ip.md``
+Runs go to ``runs/bench_ddpm_ip/`` (re-running resumes or reuses them; processes given different
+``--seeds`` may run in parallel: each merges its runs into the store). Writes ``benchmarks/results/ddpm_ip.md``
 and ``ddpm_ip.json``.
 """
 
@@ -113,6 +114,17 @@ Command: `OMP_NUM_THREADS=1 python -m benchmarks.bench_ddpm_ip --steps {steps} -
 """
 
 
+def _merge_store(store: Path, res: dict, steps: int) -> dict:
+    """Write ``res`` merged over what the store holds now (runs of other seeds may be filled in parallel)."""
+    now = json.loads(store.read_text()) if store.is_file() else {}
+    merged = {**now, **res} if now.get("steps") == steps else dict(res)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    tmp.replace(store)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500)
@@ -134,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             run, wall = train_run(gamma, seed, args.steps, runs / f"steps{args.steps}")
             res[key] = {**evaluate(run, seed), "train_s": wall}
             print(key, json.dumps(res[key]), flush=True)
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            store.write_text(json.dumps(res, indent=1) + "\n")
+            res = _merge_store(store, res, args.steps)
     body = report(res, args.steps, args.seeds, args.gamma)
     write_section("ddpm_ip", "DDPM-IP input perturbation on the digits teacher (equal steps, over NFE)", body)
     print(body)

@@ -4,7 +4,9 @@ straightening on the ring mixture through the Trainer, pair caching, exact resum
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +240,35 @@ def test_pairs_cache_resume_exact_and_regeneration(tmp_path):
     # a different specification regenerates the file
     other = build_method(config_from_dict({**cfg_b, "method": {**cfg_b["method"], "pair_seed": 5}}))
     assert not torch.equal(other.pairs["z0"], resumed.method.pairs["z0"])
+    assert cached.stat().st_mtime_ns != stamp
+
+
+def test_pairs_of_a_run_folder_teacher_are_redrawn_when_its_weights_change(tmp_path):
+    """A retrained run folder keeps its identity (config + sigma range): the cache also keys on its files."""
+    import os
+
+    from safetensors import safe_open
+
+    teacher = _mix_cfg(tmp_path / "t", num_pairs=16, pair_steps=1)
+    teacher.update(steps=2, batch_size=8, checkpoint_every=2)
+    Trainer(config_from_dict(teacher)).train()
+    cfg = _mix_cfg(tmp_path / "s", teacher=teacher["output_dir"], num_pairs=16, pair_steps=1)
+    cached = tmp_path / "s" / "run" / PAIRS_FILE
+
+    def spec() -> dict:
+        with safe_open(str(cached), "pt") as f:
+            return json.loads(f.metadata()["spec"])
+
+    build_method(config_from_dict(cfg))
+    before, stamp = spec(), cached.stat().st_mtime_ns
+    build_method(config_from_dict(cfg))
+    assert cached.stat().st_mtime_ns == stamp  # same files: reused
+    w = next(Path(teacher["output_dir"]).rglob("*.safetensors"))
+    st = w.stat()
+    os.utime(w, (st.st_atime, st.st_mtime + 10))
+    build_method(config_from_dict(cfg))
+    after = spec()
+    assert after["teacher"] == before["teacher"] and after["teacher_files"] != before["teacher_files"]
     assert cached.stat().st_mtime_ns != stamp
 
 

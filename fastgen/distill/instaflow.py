@@ -223,7 +223,8 @@ def from_config(cfg: Any) -> InstaFlowMethod:
     docstring). ``base_pipeline`` (default ``teacher``): the pipeline whose tokenizer, text encoders and VAE the
     one-step student names (``fastgen distill`` sets it to stage 1's teacher when ``stage1`` is given)."""
     from fastgen.data.prompts import embed_prompts, read_prompts
-    from fastgen.distill.t2i import _model_key, _resolve
+    from fastgen.distill.t2i import _resolve
+    from fastgen.models.sources import source_files_key
     from fastgen.models import load_model
     from fastgen.samplers.guidance import CFGDenoiser
     from fastgen.train.method import method_kwargs
@@ -262,7 +263,7 @@ def from_config(cfg: Any) -> InstaFlowMethod:
     # the identity fingerprints config + sigma range only: the weights' files (sizes, mtimes) are in the spec too,
     # so pairs cached for a teacher folder that was since retrained (a stage-1 run) are regenerated, not reused
     spec.update(pair_sigma_max=loaded.sigma_max, pair_classes=len(texts), teacher=loaded.identity(),
-                teacher_files=_model_key(source), prompts=texts, guidance=guidance, negative_prompt=negative)
+                teacher_files=source_files_key(source), prompts=texts, guidance=guidance, negative_prompt=negative)
     pairs = _pairs_for(cfg, spec, loaded, guided, lambda rows: table(rows))
     student = copy.deepcopy(loaded.denoiser).train()
     student.model.requires_grad_(True)

@@ -230,6 +230,7 @@ def prepare(model: str = "", prompts: Any = None, real: str = "teacher", real_pe
     if captions is not None:
         texts = texts + [c for c in dict.fromkeys(captions) if c not in set(texts)]
     from fastgen.models import load_model  # distill may import models; data (prompts.py) may not
+    from fastgen.models.sources import source_files_key
 
     key = fingerprint(str(model), texts, {k: v for k, v in opts.items() if k not in ("prompts", "model")},
                       None if images is None else [list(images.shape), float(images.double().sum())])
@@ -246,7 +247,7 @@ def prepare(model: str = "", prompts: Any = None, real: str = "teacher", real_pe
                                  f"{state['model'].conditioning})")
         return state["model"]
 
-    ident = _model_key(model)
+    ident = source_files_key(model)
     emb = embed_prompts(texts + [negative_prompt], lambda t: loaded().encode_prompt(t),
                         cache / f"prompts-{key}.safetensors" if cache else None, key=ident)
     table = {k: v[:-1] for k, v in emb.items()}
@@ -268,18 +269,6 @@ def prepare(model: str = "", prompts: Any = None, real: str = "teacher", real_pe
     if "model" in state:  # handed to the first caller only (a teacher object is never shared by two methods)
         return {**out, "loaded": state["model"]}
     return out
-
-
-def _model_key(model: str) -> str:
-    """A cheap identity of the model source for cache keys: shipped/folder config files' contents."""
-    from fastgen.models.sources import PIPELINES_DIR
-
-    path = PIPELINES_DIR / str(model) if (PIPELINES_DIR / str(model)).is_dir() else Path(str(model))
-    if not path.is_dir():
-        return str(model)
-    files = sorted(path.rglob("*.json")) + sorted(path.rglob("*.safetensors"))
-    stats = [(str(f.relative_to(path)), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-    return fingerprint(str(model), stats)
 
 
 def _pipeline_kwargs(cond: Mapping[str, torch.Tensor], negative: bool) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from fastgen.core.ranges import check_schedule_fits  # noqa: F401  (re-exported:
 from fastgen.models import zoo
 
 __all__ = ["LoadedModel", "load_model", "KINDS", "CONDITIONING", "MIXTURES", "PIPELINES_DIR",
-           "check_schedule_fits"]
+           "check_schedule_fits", "source_files_key"]
 
 #: What a loaded model is: ODE teacher, one-step student, shortcut model, GFT model, exact denoiser.
 KINDS = ("teacher", "student", "shortcut", "gft", "exact")
@@ -195,6 +195,28 @@ def _labels(n: int, k: int, label: Any, device: str | torch.device) -> torch.Ten
 # --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
+
+
+def source_files_key(source: str | Path) -> str:
+    """A cheap identity of a model source's *files*, for cache keys (16 hex digits).
+
+    :meth:`LoadedModel.identity` fingerprints the config and sigma range only, so a retrained run or pipeline
+    folder with the same config has the same identity; caches of what a model computed (coupling pairs,
+    teacher samples, prompt embeddings) key on this as well. For a folder (a path, or the name of a shipped
+    pipeline folder) and for a file: the relative path, size and mtime (whole seconds) of every ``*.json`` and
+    ``*.safetensors`` file in it; any other source (a zoo name, a mixture spec) is keyed by its string, which
+    names fixed contents for an installed version.
+    """
+    name = str(source)
+    path = PIPELINES_DIR / name if (PIPELINES_DIR / name).is_dir() else Path(name)
+    if path.is_dir():
+        files, root = sorted(path.rglob("*.json")) + sorted(path.rglob("*.safetensors")), path
+    elif path.is_file():
+        files, root = [path], path.parent
+    else:
+        files, root = [], path
+    stats = [(str(f.relative_to(root)), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    return hashlib.sha256(json.dumps([name, stats], default=str).encode()).hexdigest()[:16]
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", **options: Any) -> LoadedModel:

@@ -242,6 +242,7 @@ def from_config(cfg: Any) -> ReflowMethod:
     pair_sigma_max, pair_seed, pair_batch_size, distill_steps, eps, loss, label_dropout, sample_shape}``."""
     from fastgen.models import load_model
     from fastgen.models.nets import build_network
+    from fastgen.models.sources import source_files_key
     from fastgen.train.method import check_kwargs, method_kwargs
 
     kw = method_kwargs(cfg)
@@ -274,7 +275,9 @@ def from_config(cfg: Any) -> ReflowMethod:
         raise ValueError(f"network.num_classes = {classes} needs a teacher with {classes} classes; {source!r} has "
                          f"conditioning {loaded.conditioning!r} ({loaded.num_classes} classes); use num_classes: 0")
     spec["pair_classes"] = classes or None
+    # the identity fingerprints config + sigma range only: a retrained run folder keeps it, so its files key too
     spec["teacher"] = loaded.identity()
+    spec["teacher_files"] = source_files_key(source)
     return ReflowMethod(net, _pairs_for(cfg, spec, loaded), **kw)
 
 
