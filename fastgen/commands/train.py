@@ -13,9 +13,8 @@ from fastgen.commands._configs import add_config_arguments, resolve_config
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a model from a YAML config (EDM / flow teachers with optional DDPM-IP input perturbation, "
-        "shortcut, GFT, reflow / 2-rectified flow and its one-step distillation, InstaFlow from a YAML path; shipped: "
-        "fastgen train NAME, or a YAML path; the shipped InstaFlow configs run with fastgen distill)",
+        help="train a model from a shipped config NAME or a YAML path: EDM / flow teachers (optionally with "
+        "DDPM-IP input perturbation), shortcut, GFT, reflow (2-rectified flow and its one-step distillation)",
         description="Train with fastgen's accelerate trainer. The run directory (output_dir) receives "
         "config.yaml, metrics.jsonl and checkpoints/; re-running resumes from the latest checkpoint.",
     )
