@@ -232,21 +232,25 @@ def test_cli_refuses_a_bad_option_with_exit_2(capsys):
     assert "method.updates" in capsys.readouterr().err
 
 
-def test_runs_on_a_text_to_image_pipeline_folder(tmp_path):
-    """SFD on a tiny Diffusers SD folder (VP UNet2DConditionModel, CLIP prompts; the teacher's sigma_min 0.0292 >
-    0.006 sets the grid's floor): the student starts at the teacher, one stamp trains, the sampler runs."""
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_runs_on_a_text_to_image_pipeline_folder(tmp_path, family):
+    """SFD on tiny Diffusers folders of every text-to-image family load_model serves (SD: VP
+    UNet2DConditionModel + CLIP, its sigma_min 0.0292 > 0.006 sets the grid's floor; SD3 and Flux: flow
+    transformers, sigma_max 1000): the student starts at the teacher, one stamp trains, the sampler runs."""
     import fastgen.distill  # noqa: F401  (registers sfd)
     from fastgen.train.config import config_from_dict
     from fastgen.train.method import build_method
-    from tests._tiny_pipelines import save_sd_pipeline
+    from tests import _tiny_pipelines
 
-    folder = save_sd_pipeline(tmp_path / "sd")
+    folder = getattr(_tiny_pipelines, f"save_{family}_pipeline")(tmp_path / family)
     cfg = config_from_dict({"name": "t", "output_dir": str(tmp_path / "run"), "steps": 1, "batch_size": 2,
                             "progress": False, "data": {"name": "none", "num_samples": 4},
                             "method": {"name": "sfd", "teacher": str(folder), "prompts": ["a digit", "a seven"],
                                        "inserted": 1}})
     m = build_method(cfg)
-    assert m.conditions.kind == "prompt" and m.config.sigma_min > 0.006
+    assert m.conditions.kind == "prompt" and m.config.sigma_min >= 0.006
+    if family != "sd":
+        assert m.config.sigma_max == pytest.approx(1000.0)
     chain = m.new_chain(2, torch.Generator().manual_seed(0), torch.device("cpu"))
     with torch.no_grad():  # at iteration 0 the student's first stamp equals the teacher's Euler step
         s, s1 = float(chain.grid[1]), float(chain.grid[2])
@@ -258,3 +262,31 @@ def test_runs_on_a_text_to_image_pipeline_folder(tmp_path):
     with torch.no_grad():
         x = m.generator()(torch.randn(2, *m.config.sample_shape), chain.cond)
     assert x.shape == (2, *m.config.sample_shape) and torch.isfinite(x).all()
+
+
+def test_runs_on_an_unconditional_ddpm_pipeline_folder(tmp_path):
+    """SFD on a tiny DDPMPipeline folder (UNet2DModel, linear betas): the VP range comes from the scheduler
+    config, the student's first stamp equals the teacher's Euler step, and one stamp trains."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    import fastgen.distill  # noqa: F401  (registers sfd)
+    from fastgen.train.config import config_from_dict
+    from fastgen.train.method import build_method
+    from tests._tiny_models import tiny_unet, vp_scheduler_config
+
+    folder = tmp_path / "ddpm"
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler.from_config(vp_scheduler_config("linear"))
+                 ).save_pretrained(folder)
+    cfg = config_from_dict({"name": "t", "output_dir": str(tmp_path / "run"), "steps": 1, "batch_size": 2,
+                            "progress": False, "data": {"name": "none", "num_samples": 4},
+                            "method": {"name": "sfd", "teacher": str(folder), "inserted": 1}})
+    m = build_method(cfg)
+    assert m.conditions.kind == "none" and m.config.sigma_max > 100
+    chain = m.new_chain(2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with torch.no_grad():
+        s, s1 = float(chain.grid[1]), float(chain.grid[2])
+        ref = euler_step(chain.x, m.teacher(chain.x, torch.full((2,), s), **chain.cond), s, s1)
+        torch.testing.assert_close(m.student_step(chain.x, s, s1, chain.cond, chain.k), ref, rtol=1e-5, atol=1e-5)
+    out = m.step({"index": torch.arange(2)}, 0, torch.Generator().manual_seed(0))
+    out["main"].backward()
+    assert torch.isfinite(out["main"]) and any(p.grad is not None for p in m.student.parameters())
