@@ -175,3 +175,18 @@ def test_validator_accepts_and_preserves() -> None:
 def test_schedule_constructors_reject_bad_arguments(call, match) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_flow_uniform_is_uniform_in_flow_time():
+    """n sigmas whose flow times t = sigma / (1 + sigma) are equally spaced from t(sigma_max) to t(sigma_min),
+    then 0; the ends are exact."""
+    s = S.flow_uniform(6, 0.001, 1000.0)
+    assert s.shape == (7,) and float(s[-1]) == 0.0
+    assert float(s[0]) == 1000.0 and float(s[-2]) == 0.001
+    t = s[:-1] / (1 + s[:-1])
+    gaps = t.diff()
+    torch.testing.assert_close(gaps, torch.full_like(gaps, float(gaps.mean())), rtol=1e-12, atol=1e-14)
+    # the spacing is (t_hi - t_lo) / (n - 1)
+    assert float(gaps.mean()) == pytest.approx(-(1000 / 1001 - 0.001 / 1.001) / 5, rel=1e-12)
+    with pytest.raises(ValueError):
+        S.flow_uniform(0, 0.001, 1000.0)

@@ -69,3 +69,25 @@ def test_dp_schedule_valid_and_errors():
     den.sigma_min, den.sigma_max = 0.01, 10.0
     with pytest.raises(ValueError, match="sigma_max"):
         dp_schedule(den, noise, 4, sigma_max=80.0, progress=False)
+
+
+@pytest.mark.parametrize("grid", ["karras", "loglinear", "flow"])
+def test_dp_picks_its_steps_from_the_named_grid(grid):
+    """Every chosen sigma is a point of the named fine grid (K sigmas + 0), which the schedule records."""
+    from fastgen.core import schedules as S
+    from fastgen.samplers.dp import GRIDS, dp_schedules
+
+    den = GaussianMixtureDenoiser(torch.ones(2) / 2, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]),
+                                  stds=torch.tensor([0.2, 0.2]))
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = dp_schedules(den, noise, [3, 5], solver="euler", grid_size=12, grid=grid, sigma_min=0.01,
+                       sigma_max=100.0, progress=False)
+    fine = GRIDS[grid](12, 0.01, 100.0, 7.0)
+    expect = {"karras": S.karras(12, 0.01, 100.0), "loglinear": S.loglinear(12, 0.01, 100.0),
+              "flow": S.flow_uniform(12, 0.01, 100.0)}[grid]
+    torch.testing.assert_close(fine, expect, rtol=0, atol=0)
+    for nfe, s in out.items():
+        assert s.meta["grid"] == grid and s.steps == nfe
+        torch.testing.assert_close(s.sigmas, fine[s.meta["grid_indices"]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="grid must be one of"):
+        dp_schedules(den, noise, [3], grid="cosine", progress=False)

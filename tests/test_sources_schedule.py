@@ -107,3 +107,21 @@ def test_guidance_is_recorded_and_refused_where_it_does_not_apply(folders, tmp_p
     rc = _schedule("dp", "--model", str(folders["sd"]), "--prompt", "a cat", "--negative-prompt", "a dog",
                    "--solver", "euler", "--nfe", "3", "--out", str(tmp_path / "n.json"))
     assert rc == 2 and "--negative-prompt needs --guidance" in capsys.readouterr().err
+
+
+def test_dp_grid_auto_is_flow_for_flow_pipelines_and_karras_otherwise(folders, tmp_path):
+    from _tiny_pipelines import save_sd3_pipeline
+
+    from fastgen.core.schedules import flow_uniform, karras
+
+    sd3 = save_sd3_pipeline(tmp_path / "sd3")
+    for model, grid, extra in ((sd3, "flow", ["--prompt", "a cat"]), (folders["ddpm"], "karras", [])):
+        out = tmp_path / f"{grid}.json"
+        assert _schedule("dp", "--model", str(model), "--solver", "euler", "--nfe", "3", "--num-noise", "2",
+                         "--grid-size", "6", "--out", str(out), *extra) == 0
+        doc = json.loads(out.read_text())
+        lo, hi = doc["meta"]["model_sigma_range"]
+        fine = (flow_uniform if grid == "flow" else karras)(6, lo, hi)
+        assert doc["meta"]["grid"] == grid
+        torch.testing.assert_close(torch.tensor(doc["sigmas"], dtype=torch.float64),
+                                   fine[doc["meta"]["grid_indices"]], rtol=1e-12, atol=0)

@@ -179,12 +179,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--teacher-steps", type=int, default=None,
                    help="Heun steps of the teacher (default: adaptive dopri5 reference ODE)")
     p.add_argument("--no-decoupled", action="store_true", help="do not learn evaluation offsets")
+    p.add_argument("--init", default="auto", choices=("auto", "loglinear", "karras", "flow"),
+                   help="starting schedule: loglinear (LD3's), karras, flow (uniform in flow time) or auto "
+                        "(default: flow for flow-matching pipelines, loglinear otherwise)")
     _common(p)
     p.set_defaults(func=_run_ld3)
 
     p = sub.add_parser("dp", help="GITS/BOSS dynamic programming over a fine grid")
     p.add_argument("--num-noise", type=int, default=128, help="teacher trajectories (default 128)")
     p.add_argument("--grid-size", type=int, default=40, help="fine grid intervals K (default 40)")
+    p.add_argument("--grid", default="auto", choices=("auto", "karras", "loglinear", "flow"),
+                   help="how the fine grid is spaced: karras (rho 7), loglinear, flow (uniform in flow time) or "
+                        "auto (default: flow for flow-matching pipelines, karras otherwise)")
     p.add_argument("--coeff", default="auto", help="GITS coefficient (1.0 = BOSS) or 'auto' (default)")
     p.add_argument("--metric", default="mse,abs_dev",
                    help="cost metric(s), comma-separated: mse, abs_dev (fastgen's defaults), or GITS' own l2, l1, dev")
@@ -201,6 +207,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-noise", type=int, default=64, help="noises the optimisers fit on (default 64)")
     p.add_argument("--held-out", type=int, default=64, help="other noises every candidate is scored on (default 64)")
     p.add_argument("--grid-size", type=int, default=40, help="DP fine grid intervals K (default 40)")
+    p.add_argument("--grid", default="auto", choices=("auto", "karras", "loglinear", "flow"),
+                   help="DP fine grid spacing (default auto: flow for flow-matching pipelines, karras otherwise)")
     p.add_argument("--ld3-iterations", type=int, default=60, help="LD3 iterations per solver (default 60)")
     p.add_argument("--learned-iterations", type=int, default=150,
                    help="learned-solver iterations per starting candidate (default 150)")
@@ -299,7 +307,17 @@ def _run_ld3(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     noise, labels = bed.noise(args.num_noise, g)
     lo, hi = _range(args, bed)
-    sched = learn_ld3(bed.denoiser, noise, solver=args.solver, nfe=args.nfe, sigma_min=lo,
+    init: Any = args.init if args.init != "auto" else ("flow" if _grid(args, bed) == "flow" else "loglinear")
+    if init == "flow":
+        from fastgen.core.schedules import flow_uniform
+        from fastgen.samplers.ld3 import ld3_steps
+
+        # the pipeline's own spacing (FlowMatch at shift 1): t uniform from t(sigma_max) down to one step above
+        # t(sigma_min), then 0 (so the last step is not spent on [sigma_min, 0])
+        steps = ld3_steps(args.solver, args.nfe)
+        full = flow_uniform(steps + 1, lo, hi)
+        init = torch.cat([full[:steps], full.new_zeros(1)])
+    sched = learn_ld3(bed.denoiser, noise, solver=args.solver, nfe=args.nfe, sigma_min=lo, init=init,
                       sigma_max=hi, iterations=args.iterations, teacher_steps=args.teacher_steps,
                       decoupled=not args.no_decoupled, class_labels=labels, generator=g,
                       progress=not args.no_progress, model_id=bed.name, **bed.cond(args.num_noise))
@@ -323,12 +341,24 @@ def _run_dp(args: argparse.Namespace) -> int:
     noise, labels = bed.noise(args.num_noise, g)
     lo, hi = _range(args, bed)
     scheds = dp_schedules(bed.denoiser, noise, args.nfe, solver=args.solver, grid_size=args.grid_size,
+                          grid=_grid(args, bed),
                           sigma_min=lo, sigma_max=hi, metric=args.metric.split(","), coeff=coeff,
                           class_labels=labels, progress=not args.no_progress, model_id=bed.name,
                           **bed.cond(args.num_noise))
     for nfe, sched in scheds.items():
         _finish(sched, args.out.replace("{nfe}", str(nfe)), bed)
     return 0
+
+
+def _grid(args: argparse.Namespace, bed: TestBed) -> str:
+    """``--grid``; ``auto``: ``flow`` for a flow-matching pipeline (its trajectories bend in flow time, where
+    Karras' rho 7 over [0.001, 1000] spends half its points above t = 0.95), ``karras`` otherwise."""
+    if getattr(args, "grid", "auto") != "auto":
+        return args.grid
+    from fastgen.core.schedules import is_flow_config
+
+    scheduler = (bed.model.config.get("scheduler") if bed.model is not None else None) or {}
+    return "flow" if scheduler and is_flow_config(scheduler) else "karras"
 
 
 def _names(text: str | None, allowed: Any, flag: str) -> list[str] | None:
@@ -363,7 +393,7 @@ def _run_auto(args: argparse.Namespace) -> int:
     held, held_labels = bed.noise(args.held_out, g)
     lo, hi = _range(args, bed)
     best = auto_schedule(bed.denoiser, args.nfe, noise, held, solvers=solvers, methods=methods,
-                         sigma_min=lo, sigma_max=hi, dp_options={"grid_size": args.grid_size},
+                         sigma_min=lo, sigma_max=hi, dp_options={"grid_size": args.grid_size, "grid": _grid(args, bed)},
                          ld3_options=LD3Options(iterations=args.ld3_iterations),
                          learned_options=LearnedSolverOptions(iterations=args.learned_iterations),
                          learned_bases=args.learned_bases, generator=g, model_id=bed.name, held_out_cond={**bed.cond(args.held_out), **_cond(held_labels)},

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastgen.core.ode import reference_trajectory
-from fastgen.core.schedules import karras
+from fastgen.core.schedules import flow_uniform, karras, loglinear
 from fastgen.core.solvers import get_solver
 from fastgen.samplers.optim_common import resolve_sigma_range
 from fastgen.samplers.schedule import Schedule, steps_within_nfe
@@ -39,6 +39,12 @@ METRICS = ("l2", "l1", "dev", "mse", "abs_dev")
 COST_STEPS = ("euler", "heun")
 #: Coefficients tried by ``coeff="auto"`` (1.0 is BOSS; GITS uses 1.15-1.2).
 AUTO_COEFFS = (1.0, 1.1, 1.2, 1.35, 1.5, 2.0)
+#: The fine grids DP picks its steps from: name -> (K, sigma_min, sigma_max, rho) -> K sigmas + 0.
+GRIDS: dict[str, Callable[[int, float, float, float], torch.Tensor]] = {
+    "karras": lambda k, lo, hi, rho: karras(k, lo, hi, rho=rho),
+    "loglinear": lambda k, lo, hi, rho: loglinear(k, lo, hi),
+    "flow": lambda k, lo, hi, rho: flow_uniform(k, lo, hi),
+}
 
 
 def dp_select_all(
@@ -173,6 +179,7 @@ def dp_schedules(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     rho: float = 7.0,
+    grid: str = "karras",
     metric: str | Sequence[str] = ("mse", "abs_dev"),
     cost_step: str = "euler",
     coeff: float | Sequence[float] | str = "auto",
@@ -186,7 +193,10 @@ def dp_schedules(
 
     Args:
         noise: (B, ...) unit Gaussian noises; the teacher starts at ``noise * sigma_max``.
-        grid_size: K, the fine grid's intervals (Karras rho from ``sigma_max`` to ``sigma_min``, then 0).
+        grid_size: K, the fine grid's intervals (K sigmas from ``sigma_max`` to ``sigma_min``, then 0).
+        grid: how the fine grid spaces them (:data:`GRIDS`): ``"karras"`` (rho ``rho``, GITS' choice),
+            ``"loglinear"`` (uniform in log sigma) or ``"flow"`` (uniform in flow time t = sigma / (1 + sigma),
+            a flow-matching pipeline's own spacing).
         metric: one of :data:`METRICS` or several (one cost matrix each). The default, fastgen's
             ``("mse", "abs_dev")``, is what the schedules in BENCHMARKS.md used; ``("l2", "dev")`` are GITS'.
         cost_step: the coarse step of the cost ("euler" as in GITS/BOSS, or "heun").
@@ -217,7 +227,9 @@ def dp_schedules(
     lo, hi = resolve_sigma_range(denoiser, sigma_min, sigma_max)
     if class_labels is not None:
         cond = {**cond, "class_labels": class_labels}
-    grid = karras(grid_size, lo, hi, rho=rho)
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {tuple(GRIDS)}, got {grid!r}")
+    grid_kind, grid = grid, GRIDS[grid](grid_size, lo, hi, rho)
     states = reference_trajectory(denoiser, noise * hi, grid.to(noise.dtype), rtol=rtol, atol=rtol,
                                   sigma_floor=min(1e-4, lo / 2), **cond)
     candidates: dict[int, list[tuple[list[int], float, str, float]]] = {n: [] for n in steps}
@@ -243,7 +255,7 @@ def dp_schedules(
             grid[path], method="dp", solver=solver, nfe=n, model=model_id, objective=score,
             meta={"objective_name": "endpoint RMSE to the teacher on the DP noises (nan: single candidate)",
                   "dp_cost": total, "metric": met, "cost_step": cost_step, "coeff": c,
-                  "grid_size": grid_size, "grid_indices": path, "sigma_min": lo, "sigma_max": hi,
+                  "grid_size": grid_size, "grid": grid_kind, "grid_indices": path, "sigma_min": lo, "sigma_max": hi,
                   "samples": int(noise.shape[0]),
                   "optimization_seconds": round(time.perf_counter() - t_start, 3)},
         )
