@@ -4,7 +4,7 @@
 # Writes fastgen/models/weights/schedules/<pipeline>/dp-dpmpp_2m-nfe{4,6,8}.json.
 # Training prompts: "a handwritten digit {zero..nine}" (cycled over the noises), seed 0, no guidance.
 # digits-sd: the CLI defaults (128 teacher trajectories, 40-interval grid), ~30 s on a shared 2-core CPU.
-# digits-sd3: 32 trajectories on a 20-interval grid (its flow range starts at sigma 1000, where the
+# digits-sd3: 32 trajectories on a 20-interval grid (uniform in flow time: the CLI default for flow pipelines) (its flow range starts at sigma 1000, where the
 # teacher trajectories are slow: ~5 min on a shared 2-core CPU).
 # Re-run after a pipeline is rebuilt: the JSONs record the model fingerprint they were learned for.
 # Run: OMP_NUM_THREADS=1 bash scripts/make_pipeline_schedules.sh [digits-sd] [digits-sd3]

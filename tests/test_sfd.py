@@ -232,6 +232,20 @@ def test_cli_refuses_a_bad_option_with_exit_2(capsys):
     assert "method.updates" in capsys.readouterr().err
 
 
+def _starts_at_the_teacher_and_trains(m):
+    """At iteration 0 the student's first stamp equals the teacher's Euler step (float32 through a
+    network: 1e-5); one stamp's loss is finite and reaches the student. Returns the chain."""
+    chain = m.new_chain(2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with torch.no_grad():
+        s, s1 = float(chain.grid[1]), float(chain.grid[2])
+        ref = euler_step(chain.x, m.teacher(chain.x, torch.full((2,), s), **chain.cond), s, s1)
+        torch.testing.assert_close(m.student_step(chain.x, s, s1, chain.cond, chain.k), ref, rtol=1e-5, atol=1e-5)
+    out = m.step({"index": torch.arange(2)}, 0, torch.Generator().manual_seed(0))
+    out["main"].backward()
+    assert torch.isfinite(out["main"]) and any(p.grad is not None for p in m.student.parameters())
+    return chain
+
+
 @pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
 def test_runs_on_a_text_to_image_pipeline_folder(tmp_path, family):
     """SFD on tiny Diffusers folders of every text-to-image family load_model serves (SD: VP
@@ -251,14 +265,7 @@ def test_runs_on_a_text_to_image_pipeline_folder(tmp_path, family):
     assert m.conditions.kind == "prompt" and m.config.sigma_min >= 0.006
     if family != "sd":
         assert m.config.sigma_max == pytest.approx(1000.0)
-    chain = m.new_chain(2, torch.Generator().manual_seed(0), torch.device("cpu"))
-    with torch.no_grad():  # at iteration 0 the student's first stamp equals the teacher's Euler step
-        s, s1 = float(chain.grid[1]), float(chain.grid[2])
-        ref = euler_step(chain.x, m.teacher(chain.x, torch.full((2,), s), **chain.cond), s, s1)
-        torch.testing.assert_close(m.student_step(chain.x, s, s1, chain.cond, chain.k), ref, rtol=1e-5, atol=1e-5)
-    out = m.step({"index": torch.arange(2)}, 0, torch.Generator().manual_seed(0))
-    out["main"].backward()
-    assert torch.isfinite(out["main"]) and any(p.grad is not None for p in m.student.parameters())
+    chain = _starts_at_the_teacher_and_trains(m)
     with torch.no_grad():
         x = m.generator()(torch.randn(2, *m.config.sample_shape), chain.cond)
     assert x.shape == (2, *m.config.sample_shape) and torch.isfinite(x).all()
@@ -282,11 +289,4 @@ def test_runs_on_an_unconditional_ddpm_pipeline_folder(tmp_path):
                             "method": {"name": "sfd", "teacher": str(folder), "inserted": 1}})
     m = build_method(cfg)
     assert m.conditions.kind == "none" and m.config.sigma_max > 100
-    chain = m.new_chain(2, torch.Generator().manual_seed(0), torch.device("cpu"))
-    with torch.no_grad():
-        s, s1 = float(chain.grid[1]), float(chain.grid[2])
-        ref = euler_step(chain.x, m.teacher(chain.x, torch.full((2,), s), **chain.cond), s, s1)
-        torch.testing.assert_close(m.student_step(chain.x, s, s1, chain.cond, chain.k), ref, rtol=1e-5, atol=1e-5)
-    out = m.step({"index": torch.arange(2)}, 0, torch.Generator().manual_seed(0))
-    out["main"].backward()
-    assert torch.isfinite(out["main"]) and any(p.grad is not None for p in m.student.parameters())
+    _starts_at_the_teacher_and_trains(m)
