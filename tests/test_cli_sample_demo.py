@@ -120,9 +120,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         got = {r["family"]: r for r in res["rows"] if r["pipeline"] == pipe}
         ref, default, ours = got[f"{pipe} reference"], got[f"{pipe} default"], got[f"{pipe} fastgen DP"]
         assert ref["rmse"] == 0.0 and default["nfe"] == ours["nfe"] == 6
-        # measured (seed 0, 50 samples): digits-sd 0.055 vs 0.113, digits-sd3 0.050 vs 0.143
-        # measured: digits-sd 0.39x; the retrained digits-sd3 (logit-normal, 12000 steps) 0.82x
-        assert 0 < ours["rmse"] < 0.9 * default["rmse"], (pipe, ours["rmse"], default["rmse"])
+        # measured (quick demo, seed 0): digits-sd 0.055 vs 0.113 (0.49x); digits-sd3 0.048 vs 0.124 (0.38x,
+        # its DP schedule learned on the flow-time grid; 0.82x on the Karras grid)
+        assert 0 < ours["rmse"] < 0.7 * default["rmse"], (pipe, ours["rmse"], default["rmse"])
         assert min(ref["accuracy"], default["accuracy"], ours["accuracy"]) >= 0.9  # chance: 0.1
         assert all(np.isfinite(r["fd"]) for r in got.values())
         assert sum(label.startswith(pipe + " ") for label in res["grid"]) == 3
