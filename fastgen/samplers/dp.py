@@ -204,7 +204,9 @@ def dp_schedules(
             (= ``AUTO_COEFFS``). With several (metric, coeff) choices, each gives a path per step
             count and the one whose ``solver`` endpoint is closest to the teacher's on these noises
             is kept: a cheap, solver-aware choice, as single-step costs ignore how multistep solvers
-            (DPM-Solver++(2M), iPNDM) propagate error.
+            (DPM-Solver++(2M), iPNDM) propagate error. The grid's uniform subsample (every K/n-th point;
+            with ``grid="flow"`` a flow pipeline's own spacing, metric ``"uniform"``) is always one more
+            candidate, so the result is never worse than it on these noises.
     Returns ``{nfe: Schedule}`` (each ends in 0; ``objective`` is the teacher-endpoint RMSE of the
     chosen path on the given noises, ``meta`` the DP cost, metric and coefficient).
     """
@@ -242,6 +244,11 @@ def dp_schedules(
                 if k in paths:
                     candidates[n].append((paths[k][0], paths[k][1], met, c))
 
+    for n, k in steps.items():  # the grid's own uniform subsample: DP never ends worse than it on these noises
+        uniform = sorted({round(i * grid_size / k) for i in range(k + 1)})
+        if len(uniform) == k + 1:
+            candidates[n].append((uniform, math.inf, "uniform", None))
+
     def endpoint_error(path: list[int]) -> float:
         with torch.no_grad():
             out = solve(denoiser, noise * hi, grid[path].to(noise.dtype), **cond)
@@ -254,7 +261,8 @@ def dp_schedules(
         out[n] = Schedule(
             grid[path], method="dp", solver=solver, nfe=n, model=model_id, objective=score,
             meta={"objective_name": "endpoint RMSE to the teacher on the DP noises (nan: single candidate)",
-                  "dp_cost": total, "metric": met, "cost_step": cost_step, "coeff": c,
+                  "dp_cost": total if math.isfinite(total) else None, "metric": met, "cost_step": cost_step,
+                  "coeff": c,
                   "grid_size": grid_size, "grid": grid_kind, "grid_indices": path, "sigma_min": lo, "sigma_max": hi,
                   "samples": int(noise.shape[0]),
                   "optimization_seconds": round(time.perf_counter() - t_start, 3)},
