@@ -13,7 +13,7 @@ from fastgen.core.schedules import karras
 from fastgen.core.solvers import get_solver, heun
 from fastgen.samplers.auto import auto_schedules
 from fastgen.samplers.learned_solver import COMBINABLE_SOLVERS, LearnedSolverOptions, learn_solver
-from fastgen.samplers.schedule import CombinedDenoiser, Schedule, endpoint_rmse
+from fastgen.samplers.schedule import Schedule, endpoint_rmse
 
 LO, HI = 0.002, 80.0
 

@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a student with fastgen's trainer: a one-step student by f-divergence distribution "
         "matching (method fdistill), an InstaFlow one-step text-to-image student (instaflow: digits-sd-instaflow, "
         "digits-sd3-instaflow; its 2-rectified-flow stage 1 is trained first when missing), an SFD few-step "
-        "student (sfd: digits-sfd, digits-sfd-v) or a BOSS-straightened model on its DP Euler schedule (boss: digits-boss). Re-running resumes from the latest checkpoint in "
-        "output_dir.",
+        "student (sfd: digits-sfd, digits-sfd-v) or a BOSS-straightened model on its DP Euler schedule "
+        "(boss: digits-boss). Re-running resumes from the latest checkpoint in output_dir.",
     )
     add_config_arguments(p, "distill", "digits-js")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")

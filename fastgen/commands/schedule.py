@@ -376,8 +376,8 @@ def _run_auto(args: argparse.Namespace) -> int:
     from fastgen.core.solvers import SOLVERS
     from fastgen.io.paths import check_output_path
     from fastgen.samplers.auto import METHODS, auto_schedule
-    from fastgen.samplers.learned_solver import LearnedSolverOptions
     from fastgen.samplers.ld3 import LD3Options
+    from fastgen.samplers.learned_solver import LearnedSolverOptions
 
     solvers = _names(args.solvers, list(SOLVERS), "--solvers")
     methods = _names(args.methods, METHODS, "--methods")
@@ -396,7 +396,8 @@ def _run_auto(args: argparse.Namespace) -> int:
                          sigma_min=lo, sigma_max=hi, dp_options={"grid_size": args.grid_size, "grid": _grid(args, bed)},
                          ld3_options=LD3Options(iterations=args.ld3_iterations),
                          learned_options=LearnedSolverOptions(iterations=args.learned_iterations),
-                         learned_bases=args.learned_bases, generator=g, model_id=bed.name, held_out_cond={**bed.cond(args.held_out), **_cond(held_labels)},
+                         learned_bases=args.learned_bases, generator=g, model_id=bed.name,
+                         held_out_cond={**bed.cond(args.held_out), **_cond(held_labels)},
                          **bed.cond(args.num_noise), **_cond(labels))
     info = best.meta["auto"]
     for solver, method, err in info["ranking"][:5]:

@@ -224,8 +224,8 @@ def from_config(cfg: Any) -> InstaFlowMethod:
     one-step student names (``fastgen distill`` sets it to stage 1's teacher when ``stage1`` is given)."""
     from fastgen.data.prompts import embed_prompts, read_prompts
     from fastgen.distill.t2i import _resolve
-    from fastgen.models.sources import source_files_key
     from fastgen.models import load_model
+    from fastgen.models.sources import source_files_key
     from fastgen.samplers.guidance import CFGDenoiser
     from fastgen.train.method import method_kwargs
     from fastgen.train.reflow import _pairs_for
@@ -248,8 +248,8 @@ def from_config(cfg: Any) -> InstaFlowMethod:
     spec: dict[str, Any] = {k: kw.pop(k, d) for k, d in _PAIR_KEYS.items()}
     unknown = sorted(set(kw) - set(_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown instaflow method option(s) {unknown}; accepted: "
-                         f"{['teacher', 'base_pipeline', 'prompts', 'guidance', 'negative_prompt', *_PAIR_KEYS, *_OPTIONS]}")
+        accepted = ["teacher", "base_pipeline", "prompts", "guidance", "negative_prompt", *_PAIR_KEYS, *_OPTIONS]
+        raise ValueError(f"unknown instaflow method option(s) {unknown}; accepted: {accepted}")
     check_options(**kw)
     check_pair_spec(cfg, spec, "instaflow")
     texts = read_prompts(_resolve(prompts) if isinstance(prompts, str) else prompts)

@@ -328,7 +328,8 @@ def learn_solver(
             "base_method": base.method, "base_sigmas": base.sigmas.tolist(),
             "base_eval_sigmas": None if base.eval_sigmas is None else base.eval_sigmas.tolist(),
             "initial_validation": init_val, "sigma_min": lo, "sigma_max": hi,
-            "history": opts.history, "l2": opts.l2, "train": int(noise.shape[0]), "refit": bool(opts.refit), "validation": int(val_noise.shape[0]),
+            "history": opts.history, "l2": opts.l2, "train": int(noise.shape[0]), "refit": bool(opts.refit),
+            "validation": int(val_noise.shape[0]),
             "iterations": it_done, "optimization_seconds": round(time.perf_counter() - t0, 3),
         },
     )
