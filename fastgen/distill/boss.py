@@ -67,8 +67,9 @@ def choose_steps(teacher: Any, noise: torch.Tensor, nfe: int, grid_size: int, me
     """Stage 1: the DP Euler schedule (a :class:`fastgen.samplers.schedule.Schedule`, ending in 0)."""
     from fastgen.samplers.dp import dp_schedules
 
-    return dp_schedules(teacher, noise, [nfe], solver="euler", grid_size=grid_size, sigma_min=sigma_min,
-                        sigma_max=sigma_max, rho=rho, metric=metric, coeff=coeff, progress=False, **cond)[nfe]
+    return dp_schedules(teacher, noise, [nfe], solver="euler", grid_size=grid_size, uniform_candidate=False,
+                        sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, metric=metric, coeff=coeff,
+                        progress=False, **cond)[nfe]
 
 
 @torch.no_grad()

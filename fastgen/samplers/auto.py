@@ -44,8 +44,9 @@ def _candidates(denoiser, solver, nfes, noise, lo, hi, methods, dp_options, ld3_
     out: dict[int, list[Schedule]] = {n: [] for n in nfes}
     dps: dict[int, Schedule] = {}
     if "dp" in methods or "ld3" in methods:
+        # the closed-form schedules are candidates of their own here, so DP keeps to its own paths
         dps = dp_schedules(denoiser, noise, list(nfes), solver=solver, sigma_min=lo, sigma_max=hi, progress=False,
-                           **(dp_options or {}), **cond)
+                           **{"uniform_candidate": False, **(dp_options or {})}, **cond)
     opts = ld3_options or LD3Options()
     for nfe in nfes:
         steps = steps_for_nfe(solver, nfe, exact=False)

@@ -180,6 +180,7 @@ def dp_schedules(
     sigma_max: float | None = None,
     rho: float = 7.0,
     grid: str = "karras",
+    uniform_candidate: bool = True,
     metric: str | Sequence[str] = ("mse", "abs_dev"),
     cost_step: str = "euler",
     coeff: float | Sequence[float] | str = "auto",
@@ -206,7 +207,8 @@ def dp_schedules(
             is kept: a cheap, solver-aware choice, as single-step costs ignore how multistep solvers
             (DPM-Solver++(2M), iPNDM) propagate error. The grid's uniform subsample (every K/n-th point;
             with ``grid="flow"`` a flow pipeline's own spacing, metric ``"uniform"``) is always one more
-            candidate, so the result is never worse than it on these noises.
+            candidate, so the result is never worse than it on these noises (``uniform_candidate=False``:
+            DP's own paths only, as BOSS defines its steps).
     Returns ``{nfe: Schedule}`` (each ends in 0; ``objective`` is the teacher-endpoint RMSE of the
     chosen path on the given noises, ``meta`` the DP cost, metric and coefficient).
     """
@@ -246,7 +248,7 @@ def dp_schedules(
 
     for n, k in steps.items():  # the grid's own uniform subsample: DP never ends worse than it on these noises
         uniform = sorted({round(i * grid_size / k) for i in range(k + 1)})
-        if len(uniform) == k + 1:
+        if uniform_candidate and len(uniform) == k + 1:
             candidates[n].append((uniform, math.inf, "uniform", None))
 
     def endpoint_error(path: list[int]) -> float:
