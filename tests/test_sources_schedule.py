@@ -125,3 +125,19 @@ def test_dp_grid_auto_is_flow_for_flow_pipelines_and_karras_otherwise(folders, t
         assert doc["meta"]["grid"] == grid
         torch.testing.assert_close(torch.tensor(doc["sigmas"], dtype=torch.float64),
                                    fine[doc["meta"]["grid_indices"]], rtol=1e-12, atol=0)
+
+
+def test_ld3_init_auto_starts_flow_pipelines_at_their_own_spacing(tmp_path):
+    """``--init auto`` on a flow pipeline is ``--init flow``: the same initial validation loss, bit for bit,
+    and a different one from LD3's log-linear start."""
+    from _tiny_pipelines import save_sd3_pipeline
+
+    sd3 = save_sd3_pipeline(tmp_path / "sd3")
+    start = {}
+    for init in ("auto", "flow", "loglinear"):
+        out = tmp_path / f"{init}.json"
+        assert _schedule("ld3", "--model", str(sd3), "--prompt", "a cat", "--solver", "euler", "--nfe", "3",
+                         "--num-noise", "4", "--iterations", "1", "--teacher-steps", "6", "--init", init,
+                         "--out", str(out)) == 0
+        start[init] = json.loads(out.read_text())["meta"]["initial_validation"]
+    assert start["auto"] == start["flow"] != start["loglinear"]
