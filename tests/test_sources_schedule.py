@@ -141,3 +141,18 @@ def test_ld3_init_auto_starts_flow_pipelines_at_their_own_spacing(tmp_path):
                          "--out", str(out)) == 0
         start[init] = json.loads(out.read_text())["meta"]["initial_validation"]
     assert start["auto"] == start["flow"] != start["loglinear"]
+
+
+def test_a_flow_pipeline_denoiser_carries_its_range_so_library_optimisers_use_it(tmp_path):
+    """``DiffusersFlowDenoiser`` exposes the scheduler grid's range ([0.001, 1000] at shift 1): a library call
+    without ``sigma_max`` starts there, not at EDM's fallback 80."""
+    from _tiny_pipelines import save_sd3_pipeline
+
+    from fastgen.samplers.dp import dp_schedule
+
+    m = load_model(save_sd3_pipeline(tmp_path / "sd3"))
+    assert (m.denoiser.sigma_min, m.denoiser.sigma_max) == m.sigma_range and m.sigma_max > 100
+    cond, _ = m.condition(2, prompts="a cat")
+    noise = torch.randn(2, *m.shape, generator=torch.Generator().manual_seed(0))
+    s = dp_schedule(m.denoiser, noise, 2, solver="euler", grid_size=4, progress=False, **cond)
+    assert float(s.sigmas[0]) == pytest.approx(m.sigma_max) and s.meta["sigma_min"] == pytest.approx(m.sigma_min)

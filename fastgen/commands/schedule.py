@@ -307,7 +307,7 @@ def _run_ld3(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     noise, labels = bed.noise(args.num_noise, g)
     lo, hi = _range(args, bed)
-    init: Any = args.init if args.init != "auto" else ("flow" if _grid(args, bed) == "flow" else "loglinear")
+    init: Any = args.init if args.init != "auto" else ("flow" if _is_flow(bed) else "loglinear")
     if init == "flow":
         from fastgen.core.schedules import flow_uniform
         from fastgen.samplers.ld3 import ld3_steps
@@ -350,15 +350,20 @@ def _run_dp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grid(args: argparse.Namespace, bed: TestBed) -> str:
-    """``--grid``; ``auto``: ``flow`` for a flow-matching pipeline (its trajectories bend in flow time, where
-    Karras' rho 7 over [0.001, 1000] spends half its points above t = 0.95), ``karras`` otherwise."""
-    if getattr(args, "grid", "auto") != "auto":
-        return args.grid
+def _is_flow(bed: TestBed) -> bool:
+    """True for a Diffusers flow-matching pipeline (its scheduler config is a FlowMatch one)."""
     from fastgen.core.schedules import is_flow_config
 
     scheduler = (bed.model.config.get("scheduler") if bed.model is not None else None) or {}
-    return "flow" if scheduler and is_flow_config(scheduler) else "karras"
+    return bool(scheduler) and is_flow_config(scheduler)
+
+
+def _grid(args: argparse.Namespace, bed: TestBed) -> str:
+    """``--grid``; ``auto``: ``flow`` for a flow-matching pipeline (its trajectories bend in flow time, where
+    Karras' rho 7 over [0.001, 1000] spends half its points above t = 0.95), ``karras`` otherwise."""
+    if args.grid != "auto":
+        return args.grid
+    return "flow" if _is_flow(bed) else "karras"
 
 
 def _names(text: str | None, allowed: Any, flag: str) -> list[str] | None:

@@ -212,12 +212,14 @@ class DiffusersFlowDenoiser(nn.Module):
     before calling their transformer, so use 1.0 there). ``x0 = x_fm - t v``.
     """
 
-    def __init__(self, model: nn.Module | Callable[..., Any], timestep_scale: float = 1000.0) -> None:
+    def __init__(self, model: nn.Module | Callable[..., Any], timestep_scale: float = 1000.0,
+                 sigma_min: float | None = None, sigma_max: float | None = None) -> None:
         super().__init__()
         self.model = model
         self.timestep_scale = float(timestep_scale)
-        self.sigma_min = None
-        self.sigma_max = None
+        # the scheduler grid's VE range (fastgen.core.ranges.scheduler_sigma_range), e.g. [0.001, 1000]
+        self.sigma_min = None if sigma_min is None else float(sigma_min)
+        self.sigma_max = None if sigma_max is None else float(sigma_max)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         s = sigma_batch(sigma, x)
@@ -297,5 +299,10 @@ def from_diffusers(
     if "FlowMatch" in name or ("shift" in cfg and "beta_schedule" not in cfg):
         if timestep_scale is None:
             timestep_scale = 1.0 if "Flux" in type(model).__name__ else 1000.0
-        return DiffusersFlowDenoiser(model, timestep_scale=timestep_scale)
+        lo = hi = None
+        if not cfg.get("use_dynamic_shifting"):  # dynamic shifting: the range depends on the image size (mu)
+            from fastgen.core.ranges import scheduler_sigma_range
+
+            lo, hi = scheduler_sigma_range(cfg)
+        return DiffusersFlowDenoiser(model, timestep_scale=timestep_scale, sigma_min=lo, sigma_max=hi)
     return DiffusersVPDenoiser(model, cfg, prediction_type=prediction_type)

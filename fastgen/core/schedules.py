@@ -115,9 +115,9 @@ def flow_uniform(
     [0.001, 1000] puts half its points above sigma ~ 19 (t > 0.95).
     """
     _check_range(n, sigma_min, sigma_max)
-    t_hi, t_lo = sigma_max / (1 + sigma_max), sigma_min / (1 + sigma_min)
+    t_hi, t_lo = (float(sigma_to_flow_t(torch.tensor(v, dtype=torch.float64))) for v in (sigma_max, sigma_min))
     t = torch.linspace(t_hi, t_lo, n, dtype=torch.float64) if n > 1 else torch.tensor([t_hi], dtype=torch.float64)
-    s = t / (1 - t)
+    s = flow_t_to_sigma(t)
     s[0] = sigma_max
     if n > 1:
         s[-1] = sigma_min

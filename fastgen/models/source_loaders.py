@@ -272,14 +272,16 @@ def load_pipeline(path: Path, device: Any, name: str) -> LoadedModel:
     vae = getattr(pipe, "vae", None)
     if "Flux" in type(net).__name__:  # packed 2x2 latents: the denoiser takes them unpacked (C, H, W)
         shape = flux_latent_shape(c, getattr(vae, "config", None))
-        den = DiffusersFlowDenoiser(FluxUnpacked(net), timestep_scale=1.0)  # Flux takes t in [0, 1]
         # Dynamic shifting: the shift FluxPipeline computes for this shape's H/2 * W/2 tokens.
         kw = {"mu": _flux_mu(sched_cfg, shape[1] * shape[2] // 4)} if sched_cfg.get("use_dynamic_shifting") else {}
+        lo, hi = scheduler_sigma_range(sched_cfg, **kw)
+        den = DiffusersFlowDenoiser(FluxUnpacked(net), timestep_scale=1.0,  # Flux takes t in [0, 1]
+                                    sigma_min=lo, sigma_max=hi)
     else:
-        den, kw = from_diffusers(net, sched_cfg), {}
+        den = from_diffusers(net, sched_cfg)
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         shape = (int(c.in_channels), int(size), int(size))
-    lo, hi = scheduler_sigma_range(sched_cfg, **kw)
+        lo, hi = scheduler_sigma_range(sched_cfg)
     text = getattr(pipe, "text_encoder", None) is not None
     n_cls = getattr(c, "num_class_embeds", None)
     loaded = LoadedModel(

@@ -97,11 +97,6 @@ class LoadedModel:
             raise ValueError(f"conditioning must be one of {CONDITIONING}, got {self.conditioning!r}")
         if not (0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max)):
             raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
-        # The schedule optimisers read a denoiser's own range (optim_common.resolve_sigma_range) and fall back
-        # to EDM's [0.002, 80] without one: a pipeline denoiser (flow range [0.001, 1000]) carries the model's.
-        if isinstance(self.denoiser, nn.Module) and all(
-                getattr(self.denoiser, k, None) is None for k in ("sigma_min", "sigma_max")):
-            self.denoiser.sigma_min, self.denoiser.sigma_max = self.sigma_range
 
     @property
     def sigma_range(self) -> tuple[float, float]:

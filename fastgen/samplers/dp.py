@@ -246,9 +246,9 @@ def dp_schedules(
                 if k in paths:
                     candidates[n].append((paths[k][0], paths[k][1], met, c))
 
-    for n, k in steps.items():  # the grid's own uniform subsample: DP never ends worse than it on these noises
+    for n, k in steps.items() if uniform_candidate else ():  # the grid's own uniform subsample
         uniform = sorted({round(i * grid_size / k) for i in range(k + 1)})
-        if uniform_candidate and len(uniform) == k + 1:
+        if len(uniform) == k + 1:
             candidates[n].append((uniform, math.inf, "uniform", None))
 
     def endpoint_error(path: list[int]) -> float:
