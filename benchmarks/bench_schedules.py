@@ -52,10 +52,10 @@ NFES = (4, 6, 8, 10)
 BEDS_DIR = RESULTS / "schedules_beds"
 #: (fit, selection, eval noises, LD3 iterations, DP grid) per bed: the neural teacher is the costly one on CPU.
 #: The endpoint RMSE of these beds is dominated by rare noises whose trajectory ends in another mode (the
-#: report's per-noise line: on random16-mixture the max is 15-290x the median), so the optimisers need enough fit noises to see
-#: them and the evaluation enough noises to count them: with 64 fit / 300 eval noises the random16 ratios
-#: were 0.64 / 0.45 / 0.45 / 0.45 (seed-to-seed +-0.3). digits-edm: 48 -> 256 fit noises and a DP grid of
-#: 80 intervals (40 before).
+#: report's per-noise line: on random16-mixture the max is 15-290x the median), so the optimisers need
+#: enough fit noises to see them and the evaluation enough noises to count them: with 64 fit / 300 eval
+#: noises the random16 ratios were 0.64 / 0.45 / 0.45 / 0.45 (seed-to-seed +-0.3). digits-edm: 48 -> 256
+#: fit noises and a DP grid of 80 intervals (40 before).
 SIZES = {"digits-edm": (256, 256, 600, 30, 80), "digits-empirical": (64, 96, 300, 50, 40),
          "random16-mixture": (4096, 1024, 2000, 50, 40)}
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
