@@ -11,6 +11,7 @@ from fastgen.commands._configs import CONFIGS_DIR, config_names, resolve_config
 
 
 def test_configs_ship_inside_the_package_and_parse_by_name():
+    import fastgen.distill  # noqa: F401  (registers the distill methods and the t2i data set, as `fastgen distill`)
     from fastgen.train import load_config
 
     assert CONFIGS_DIR.parent.name == "fastgen"

@@ -83,11 +83,13 @@ print("PREPARED", sorted({type(m).__name__ for m in tr.prepared.values()}),
       sorted({type(m).__name__ + ":" + type(next(m.parameters(), None)).__name__ for m in tr.method.frozen().values()}),
       flush=True)
 tr.train()
+print("TRAINED", flush=True)
 tensors = tr.state_tensors()  # every process (FSDP gathers shards)
 if tr.acc.is_main_process:
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in tensors.items()}, sys.argv[2])
 tr.acc.end_training()  # destroy the process group (FSDP2 on gloo otherwise aborts at exit now and then)
+print("ENDED", flush=True)
 """
 
 

@@ -348,11 +348,11 @@ def test_refused_options_are_clear_errors(name):
         sched.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1000.0]))
 
 
-def test_functional_only_solver_is_refused_by_name():
-    """UniPC is a functional solver only: the scheduler names it and says where it does run."""
+def test_unknown_solver_is_refused_by_name():
+    """A solver the scheduler cannot step is a ValueError listing the ones it can (every fastgen solver)."""
     from fastgen.samplers.fastgen_scheduler import FastgenScheduler
 
-    with pytest.raises(ValueError, match=r"functional-only solver.*Schedule\.wrap"):
-        FastgenScheduler(solver="unipc")
-    with pytest.raises(ValueError, match=r"solver must be one of \['euler', 'heun', 'dpmpp_2m', 'ipndm'\]"):
+    assert FastgenScheduler(solver="unipc3").config.solver == "unipc3"
+    with pytest.raises(ValueError, match=r"solver must be one of \['euler', 'heun', 'dpmpp_2m', 'ipndm', 'unipc', "
+                                         r"'unipc3'\]"):
         FastgenScheduler(solver="nope")

@@ -181,7 +181,7 @@ def test_sd_fastgen_heun_default_reproduces_diffusers_heun(cond_unet, sd_config)
     assert rel_err(a, b) <= 1e-5
 
 
-@pytest.mark.parametrize("solver", ["heun", "dpmpp_2m", "ipndm"])
+@pytest.mark.parametrize("solver", ["heun", "dpmpp_2m", "ipndm", "unipc", "unipc3"])
 def test_sd_fastgen_solvers_equal_functional(cond_unet, sd_config, solver):
     sched = FastgenScheduler.from_config(sd_config, solver=solver, schedule="karras")
     calls = count_calls(cond_unet)
@@ -313,7 +313,7 @@ def manual_loop(sched, den, noise, generator=None):
     return x, seen
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "ipndm"])
+@pytest.mark.parametrize("solver", list(solvers.SOLVERS))  # every fastgen solver steps in the scheduler
 @pytest.mark.parametrize("space", ["ve", "vp"])
 def test_scheduler_steps_equal_core_solvers_float64(solver, space):
     den = _mixture()

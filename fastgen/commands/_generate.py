@@ -20,7 +20,7 @@ from fastgen.core import schedules
 from fastgen.core.solvers import SOLVERS, get_solver
 from fastgen.models.sources import LoadedModel, check_schedule_fits
 
-SAMPLERS = ("restart", "euler", "heun", "dpmpp_2m", "ipndm", "shortcut", "student")
+SAMPLERS = ("restart", *SOLVERS, "shortcut", "student")  # every fastgen solver (a schedule JSON names one)
 NAMED_SCHEDULES = ("karras", "loglinear", "ays", "ld3", "dp")
 SHIPPED_SCHEDULES = Path(__file__).resolve().parent.parent / "models" / "weights" / "schedules"
 

@@ -137,7 +137,7 @@ def _common(p: argparse.ArgumentParser, multi_nfe: bool = False, solver: bool = 
                    help=f"{', '.join(MODELS)}, or any load_model source: zoo/pipeline name, run dir, pipeline folder")
     if solver:
         p.add_argument("--solver", default="dpmpp_2m",
-                       help="euler | heun | dpmpp_2m | ipndm | unipc (default dpmpp_2m)")
+                       help="euler | heun | dpmpp_2m | ipndm | unipc | unipc3 (default dpmpp_2m)")
     if multi_nfe:
         p.add_argument("--nfe", type=int, nargs="+", default=[6], help="NFE budget(s), one schedule each")
     else:

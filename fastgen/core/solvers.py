@@ -312,6 +312,52 @@ def _unipc_combo(hist: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor,
     return torch.stack([*rks, torch.ones_like(h)]), d1s
 
 
+class UniPCState:
+    """What :func:`unipc_step` carries between calls: the last ``order`` ``(denoised, lambda)`` pairs
+    (newest last), the state the last predictor started from (``base``), that predictor's order and
+    its start sigma. A fresh instance starts a solve."""
+
+    def __init__(self) -> None:
+        self.hist: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.base: torch.Tensor | None = None
+        self.base_order = 0
+        self.sigma: Any = None
+
+
+def unipc_step(x: torch.Tensor, denoised: torch.Tensor, s: Any, s_next: Any, state: UniPCState, order: int,
+               steps_left: int, bh1: bool = False) -> torch.Tensor:
+    """One UniPC call (``denoised = D(x, s)``): the corrector UniC on the step just taken (``state``),
+    then the predictor UniP from ``s`` to ``s_next`` (0 returns ``denoised``). ``steps_left``: steps
+    from ``s`` to the end, this one included (the last steps use lower orders, Diffusers'
+    ``lower_order_final``). Updates ``state`` in place; :func:`unipc3` and the schedulers share it."""
+    lam = -torch.as_tensor(s, dtype=torch.float64).log()
+    if state.base is not None:  # UniC-p on the step state.sigma -> s just taken
+        h = lam + torch.as_tensor(state.sigma, dtype=torch.float64).log()
+        rks, d1s = _unipc_combo(state.hist, h, state.base_order)
+        b_h, r_mat, b = _unipc_system(h, rks, bh1)
+        rhos = torch.full_like(h, 0.5)[None] if state.base_order == 1 else torch.linalg.solve(r_mat, b)
+        m0 = state.hist[-1][0]
+        x = (s / state.sigma) * state.base - torch.expm1(-h).to(x.dtype) * m0
+        corr = rhos[-1].to(x.dtype) * (denoised - m0)
+        for rho, d1 in zip(rhos[:-1], d1s):
+            corr = corr + rho.to(x.dtype) * d1
+        x = x - b_h.to(x.dtype) * corr
+    state.hist = [*state.hist, (denoised, lam)][-order:]
+    cur = min(order, steps_left, len(state.hist))
+    state.base, state.base_order, state.sigma = x, cur, s
+    if float(s_next) == 0:
+        return denoised
+    h = -lam - torch.as_tensor(s_next, dtype=torch.float64).log()  # log s - log s_next
+    x = (s_next / s) * x - torch.expm1(-h).to(x.dtype) * denoised
+    if cur >= 2:
+        rks, d1s = _unipc_combo(state.hist, h, cur)
+        b_h, r_mat, b = _unipc_system(h, rks, bh1)
+        rhos = torch.full_like(h, 0.5)[None] if cur == 2 else torch.linalg.solve(r_mat[:-1, :-1], b[:-1])
+        pred = sum(rho.to(x.dtype) * d1 for rho, d1 in zip(rhos, d1s))
+        x = x - b_h.to(x.dtype) * pred
+    return x
+
+
 def unipc3(
     denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
     check_finite: bool = True, order: int = 3, bh1: bool = False, **cond: Any,
@@ -329,38 +375,11 @@ def unipc3(
     if order not in (1, 2, 3, 4):
         raise ValueError(f"order must be 1, 2, 3 or 4, got {order}")
     sigmas = _prepare(x, sigmas)
-    lam = -sigmas[:-1].double().log()
     n = len(sigmas) - 1
-    hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (denoised, lambda), newest last
-    base, base_order = x, 0
+    state = UniPCState()
     for i in range(n):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = _denoise(denoiser, x, s, i, check_finite, cond)
-        if i > 0:  # UniC-p on the step sigmas[i-1] -> sigmas[i] just taken
-            h = lam[i] - lam[i - 1]
-            rks, d1s = _unipc_combo(hist, h, base_order)
-            b_h, r_mat, b = _unipc_system(h, rks, bh1)
-            rhos = torch.full_like(h, 0.5)[None] if base_order == 1 else torch.linalg.solve(r_mat, b)
-            m0 = hist[-1][0]
-            x = (s / sigmas[i - 1]) * base - torch.expm1(-h).to(x.dtype) * m0
-            corr = rhos[-1].to(x.dtype) * (denoised - m0)
-            for rho, d1 in zip(rhos[:-1], d1s):
-                corr = corr + rho.to(x.dtype) * d1
-            x = x - b_h.to(x.dtype) * corr
-        hist = [*hist, (denoised, -s.double().log())][-order:]
-        cur = min(order, n - i, len(hist))
-        base, base_order = x, cur
-        if float(s_next) == 0:
-            x = denoised
-        else:
-            h = s.double().log() - s_next.double().log()
-            x = (s_next / s) * x - torch.expm1(-h).to(x.dtype) * denoised
-            if cur >= 2:
-                rks, d1s = _unipc_combo(hist, h, cur)
-                b_h, r_mat, b = _unipc_system(h, rks, bh1)
-                rhos = torch.full_like(h, 0.5)[None] if cur == 2 else torch.linalg.solve(r_mat[:-1, :-1], b[:-1])
-                pred = sum(rho.to(x.dtype) * d1 for rho, d1 in zip(rhos, d1s))
-                x = x - b_h.to(x.dtype) * pred
+        denoised = _denoise(denoiser, x, sigmas[i], i, check_finite, cond)
+        x = unipc_step(x, denoised, sigmas[i], sigmas[i + 1], state, order, n - i, bh1)
         _emit(callback, i, sigmas, x, denoised)
     return x
 

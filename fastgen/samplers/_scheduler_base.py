@@ -53,6 +53,9 @@ from fastgen.samplers._scheduler_plan import (
 )
 from fastgen.samplers.restart import jump
 
+#: UniPC solvers the schedulers step, by predictor order (``unipc``: order 2, ``unipc3``: order 3).
+UNIPC_ORDERS = {"unipc": 2, "unipc3": 3}
+
 __all__ = ["PlanSchedulerMixin", "SchedulerStepOutput", "resolve_state_space", "COMPATIBLES"]
 
 
@@ -119,6 +122,7 @@ class PlanSchedulerMixin(GridMixin):
         self._history: list[torch.Tensor] = []
         self._old_denoised: torch.Tensor | None = None
         self._h_last: float | None = None
+        self._unipc = core_solvers.UniPCState()
         self._derived_generator: torch.Generator | None = None
 
     def set_generator(self, generator: torch.Generator | None) -> None:
@@ -298,6 +302,8 @@ class PlanSchedulerMixin(GridMixin):
         if solver == "ipndm":
             self._history = [(x - denoised) / s, *self._history][:4]
             return core_solvers.ipndm_step(x, self._history, s, sn)
+        if solver in UNIPC_ORDERS:  # the corrector refines the current state with this call's output
+            return core_solvers.unipc_step(x, denoised, s, sn, self._unipc, UNIPC_ORDERS[solver], len(calls) - c)
         raise ValueError(f"unknown solver {solver!r}")
 
     def _noise_generator(self, generator: torch.Generator | None, sample: torch.Tensor) -> torch.Generator:

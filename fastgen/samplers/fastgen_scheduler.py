@@ -3,9 +3,10 @@
     pipe.scheduler = FastgenScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m",
                                                   schedule="my_ld3_schedule.json")
 
-``solver``: ``euler`` | ``heun`` | ``dpmpp_2m`` | ``ipndm`` (the formulas of
+``solver``: ``euler`` | ``heun`` | ``dpmpp_2m`` | ``ipndm`` | ``unipc`` | ``unipc3`` (the formulas of
 :mod:`fastgen.core.solvers`, one network call per timestep entry; Heun's corrector repeats the next
-timestep, its step to 0 is Euler). ``schedule``:
+timestep, its step to 0 is Euler; UniPC's corrector refines the state each ``step`` receives with that
+call's output, as Diffusers' ``UniPCMultistepScheduler`` does, so it costs no call). ``schedule``:
 
 - ``"karras"`` (rho = ``rho``) or ``"loglinear"`` over the sigma range Diffusers' Euler (VP) or the
   shifted FlowMatch default grid (flow) spans for ``num_inference_steps``; with ``solver="euler",
@@ -52,10 +53,10 @@ from fastgen.samplers._scheduler_base import PlanSchedulerMixin
 from fastgen.samplers._scheduler_plan import FLOW_KEYS
 
 SCHEDULE_NAMES = ("karras", "loglinear", "default")
-# The solvers whose single steps the scheduler runs (``_SchedulerBase._advance``). UniPC's corrector needs the
-# next model output before it commits a step, which a Diffusers ``step()`` cannot give, so it is functional-only.
-SCHEDULER_SOLVERS = ("euler", "heun", "dpmpp_2m", "ipndm")
-_FUNCTIONAL_ONLY = " (a functional-only solver: use fastgen.core.solvers with Schedule.wrap)"
+# The solvers whose single steps the scheduler runs (``_SchedulerBase._advance``). UniPC's corrector refines the
+# state a step() call receives with that call's model output (as Diffusers' UniPCMultistepScheduler does), so it
+# needs no extra call and steps like the others (``fastgen.core.solvers.unipc_step``).
+SCHEDULER_SOLVERS = tuple(SOLVERS)  # euler, heun, dpmpp_2m, ipndm, unipc, unipc3
 
 
 def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str | None]:
@@ -77,7 +78,6 @@ def load_schedule_json(path: str | os.PathLike[str]) -> tuple[list[float], str |
     if solver is not None and solver not in SCHEDULER_SOLVERS:
         raise ValueError(
             f"solver in {os.fspath(path)} must be one of {list(SCHEDULER_SOLVERS)} for FastgenScheduler, got {solver!r}"
-            + (_FUNCTIONAL_ONLY if solver in SOLVERS else "")
         )
     if data.get("eval_sigmas") is not None:
         warnings.warn(
@@ -144,7 +144,6 @@ class FastgenScheduler(PlanSchedulerMixin, SchedulerMixin, ConfigMixin):
         if solver not in SCHEDULER_SOLVERS:
             raise ValueError(
                 f"solver must be one of {list(SCHEDULER_SOLVERS)}, got {solver!r}"
-                + (_FUNCTIONAL_ONLY if solver in SOLVERS else "")
             )
         self.register_to_config(solver=solver)
         self._setup(uses_heun=solver == "heun")
