@@ -5,7 +5,7 @@ For the shipped text-to-image pipelines ``digits-sd`` and ``digits-sd3`` (each l
 
 - fastgen: ``fastgen schedule ld3 --model digits-sd --nfe 6`` and ``fastgen schedule dp --model digits-sd
   --nfe 4 6 8`` with the training prompts "a handwritten digit {zero..nine}" and the CLI's default training
-  noises (``--seed 0``; LD3 100 noises, DP 128), for each of ``--solvers`` (default dpmpp_2m and ipndm,
+  noises (``--seed 0``; LD3 100 noises, DP 128), for each of ``--solvers`` (default dpmpp_2m and unipc,
   both of which ``FastgenScheduler`` replays inside the pipeline). The JSONs are learned
   by the script (subprocess to the CLI) unless ``--schedules DIR`` gives existing ones.
 - Diffusers: the pipeline's default scheduler (DDIM) and DPMSolverMultistep, UniPC, Euler, each with and
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=50, help="held-out samples per class and seed (default 50)")
     p.add_argument("--schedules", default=None, help="folder with <model>_{ld3,dp}_<nfe>.json from the CLI "
                    "(default: learn them now through the CLI)")
-    p.add_argument("--solvers", default="dpmpp_2m,ipndm", help="comma-separated fastgen solvers the CLI learns "
-                   "DP and LD3 schedules for (FastgenScheduler solvers: euler, heun, dpmpp_2m, ipndm)")
+    p.add_argument("--solvers", default="dpmpp_2m,unipc", help="comma-separated fastgen solvers the CLI learns "
+                   "DP and LD3 schedules for (any fastgen solver: FastgenScheduler steps them all)")
     p.add_argument("--models", default="digits-sd", help="comma-separated pipeline sources (digits-sd3 is "
                    "supported but slow on CPU: its CLI DP alone runs > 7 min on 2 shared cores)")
     args = p.parse_args(argv)

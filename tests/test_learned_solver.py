@@ -132,6 +132,18 @@ def test_auto_schedules_offers_learned_candidates():
     assert methods.count("learned") == 2 and methods.count("karras") == 2
     with pytest.raises(ValueError, match="learned_bases"):
         auto_schedules(den, [4], fit, held, methods=("karras", "learned"), learned_bases=0)
+    # several option sets: each runs from every base and is scored like any candidate
+    two = (LearnedSolverOptions(iterations=20), LearnedSolverOptions(iterations=20, lr=0.005, lr_schedule=0.0025))
+    best = auto_schedules(den, [4], fit, held, solvers=["euler", "dpmpp_2m"], methods=("karras", "learned"),
+                          sigma_min=LO, sigma_max=HI, learned_bases=2, learned_options=two,
+                          generator=torch.Generator().manual_seed(0))[4]
+    methods = [m for _, m, _ in best.meta["auto"]["ranking"]]
+    assert methods.count("learned") == 4 and methods.count("karras") == 2
+    if best.method == "learned":
+        assert best.meta["lr"] in (0.02, 0.005)
+    for bad in ([], 0.01, [LearnedSolverOptions(), "fast"]):
+        with pytest.raises(ValueError, match="learned_options must be"):
+            auto_schedules(den, [4], fit, held, methods=("karras", "learned"), learned_options=bad)
 
 
 def test_cli_auto_learned_json_replays_in_fastgen_sample(tmp_path):
@@ -144,7 +156,8 @@ def test_cli_auto_learned_json_replays_in_fastgen_sample(tmp_path):
                  "--methods", "karras,learned", "--num-noise", "16", "--held-out", "16", "--learned-iterations", "10",
                  "--out", str(out), "--no-progress"]) == 0
     s = Schedule.load(out)
-    assert [m for _, m, _ in s.meta["auto"]["ranking"]] in (["learned", "karras"], ["karras", "learned"])
+    # one karras candidate and one learned solver per option set of DEFAULT_LEARNED_OPTIONS (two)
+    assert sorted(m for _, m, _ in s.meta["auto"]["ranking"]) == ["karras", "learned", "learned"]
     s.method, s.coefficients = "learned", torch.tensor([[0.0] * 3, [0.3, 0, 0], [0.2, -0.1, 0], [0.1, 0.1, 0.1]])
     s.save(out)  # a non-trivial combination, whatever the short search chose
     plain = Schedule(s.sigmas, solver="ipndm", eval_sigmas=s.eval_sigmas, model=s.model, meta=s.meta)

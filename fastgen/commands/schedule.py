@@ -23,7 +23,7 @@ range (``meta.model_identity``), usable with ``FastgenScheduler.from_config(...,
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +210,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--grid", default="auto", choices=("auto", "karras", "loglinear", "flow"),
                    help="DP fine grid spacing (default auto: flow for flow-matching pipelines, karras otherwise)")
     p.add_argument("--ld3-iterations", type=int, default=60, help="LD3 iterations per solver (default 60)")
-    p.add_argument("--learned-iterations", type=int, default=150,
-                   help="learned-solver iterations per starting candidate (default 150)")
+    p.add_argument("--learned-iterations", type=int, default=None,
+                   help="learned-solver iterations of every option set per starting candidate (default: the "
+                        "library's, 150 and 300 for its two option sets)")
     p.add_argument("--learned-bases", type=int, default=3,
                    help="learned solvers start from the best candidate of this many one-call solvers (default 3)")
     _common(p, solver=False)
@@ -380,15 +381,14 @@ def _names(text: str | None, allowed: Any, flag: str) -> list[str] | None:
 def _run_auto(args: argparse.Namespace) -> int:
     from fastgen.core.solvers import SOLVERS
     from fastgen.io.paths import check_output_path
-    from fastgen.samplers.auto import METHODS, auto_schedule
+    from fastgen.samplers.auto import DEFAULT_LEARNED_OPTIONS, METHODS, auto_schedule
     from fastgen.samplers.ld3 import LD3Options
-    from fastgen.samplers.learned_solver import LearnedSolverOptions
 
     solvers = _names(args.solvers, list(SOLVERS), "--solvers")
     methods = _names(args.methods, METHODS, "--methods")
     for flag, v in (("--nfe", args.nfe), ("--num-noise", args.num_noise), ("--held-out", args.held_out),
                     ("--ld3-iterations", args.ld3_iterations), ("--learned-bases", args.learned_bases),
-                    ("--learned-iterations", args.learned_iterations)):
+                    ("--learned-iterations", 1 if args.learned_iterations is None else args.learned_iterations)):
         if v < (2 if flag in ("--num-noise", "--held-out") else 1):
             raise ValueError(f"{flag} must be >= {2 if flag in ('--num-noise', '--held-out') else 1}, got {v}")
     check_output_path(args.out, "--out")
@@ -400,7 +400,8 @@ def _run_auto(args: argparse.Namespace) -> int:
     best = auto_schedule(bed.denoiser, args.nfe, noise, held, solvers=solvers, methods=methods,
                          sigma_min=lo, sigma_max=hi, dp_options={"grid_size": args.grid_size, "grid": _grid(args, bed)},
                          ld3_options=LD3Options(iterations=args.ld3_iterations),
-                         learned_options=LearnedSolverOptions(iterations=args.learned_iterations),
+                         learned_options=None if args.learned_iterations is None else
+                         [replace(v, iterations=args.learned_iterations) for v in DEFAULT_LEARNED_OPTIONS],
                          learned_bases=args.learned_bases, generator=g, model_id=bed.name,
                          held_out_cond={**bed.cond(args.held_out), **_cond(held_labels)},
                          **bed.cond(args.num_noise), **_cond(labels))

@@ -11,7 +11,12 @@ Method ``"learned"`` (:mod:`fastgen.samplers.learned_solver`) adds, per NFE, lea
 other candidates are scored, the best candidate of each of the ``learned_bases`` best one-call solvers
 is the starting point of :func:`~fastgen.samplers.learned_solver.learn_solver` (schedule + combination
 coefficients fitted on the fit noises, early-stopped on a split of them, never on the held-out
-noises), and each result is scored on the held-out noises like every other candidate.
+noises), and each result is scored on the held-out noises like every other candidate. By default two
+option sets run from each base (:data:`DEFAULT_LEARNED_OPTIONS`): the defaults and half their learning
+rates for 300 iterations. On the digits teacher at NFE 10 the defaults' first Adam steps overshoot and
+their early stop keeps the base (seed 0: eval RMSE 0.0238, unchanged) where the halved rates reach
+0.0197 (seed 1: 0.0209 -> 0.0183); at NFE 4 the two agree within 2%. The held-out error picks, as for
+every other candidate.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from fastgen.samplers.learned_solver import COMBINABLE_SOLVERS, LearnedSolverOpt
 from fastgen.samplers.optim_common import resolve_sigma_range
 from fastgen.samplers.schedule import Schedule, endpoint_rmse
 
-__all__ = ["auto_schedule", "auto_schedules", "METHODS"]
+__all__ = ["auto_schedule", "auto_schedules", "METHODS", "DEFAULT_LEARNED_OPTIONS"]
 
 #: Schedule kinds :func:`auto_schedule` can try.
 METHODS = ("karras", "loglinear", "dp", "ld3", "learned")
+#: The learned-solver option sets auto tries from each base (module docstring).
+DEFAULT_LEARNED_OPTIONS = (LearnedSolverOptions(), LearnedSolverOptions(lr=0.01, lr_schedule=0.005, iterations=300))
 
 
 def _candidates(denoiser, solver, nfes, noise, lo, hi, methods, dp_options, ld3_options, generator, targets,
@@ -78,7 +85,7 @@ def auto_schedule(
     sigma_max: float | None = None,
     dp_options: dict[str, Any] | None = None,
     ld3_options: LD3Options | None = None,
-    learned_options: LearnedSolverOptions | None = None,
+    learned_options: LearnedSolverOptions | Sequence[LearnedSolverOptions] | None = None,
     learned_bases: int = 3,
     generator: torch.Generator | None = None,
     model_id: str | None = None,
@@ -96,7 +103,8 @@ def auto_schedule(
             agree (LD3 gives Heun ``nfe // 2`` steps), else from ``ld3_options.init``.
         dp_options: keyword arguments for :func:`fastgen.samplers.dp.dp_schedules` (e.g. ``grid_size``).
         learned_options / learned_bases: with "learned" in ``methods``, the options of
-            :func:`~fastgen.samplers.learned_solver.learn_solver` and how many one-call solvers (their
+            :func:`~fastgen.samplers.learned_solver.learn_solver` (one set, or several: each runs from
+            every base; default :data:`DEFAULT_LEARNED_OPTIONS`) and how many one-call solvers (their
             best candidate each, by held-out error) it starts from (>= 1).
         cond: conditioning of the fitting calls (per-sample tensors match ``noise``, e.g. ``class_labels``).
         held_out_cond: conditioning of the held-out scoring calls (per-sample tensors match
@@ -124,7 +132,7 @@ def auto_schedules(
     sigma_max: float | None = None,
     dp_options: dict[str, Any] | None = None,
     ld3_options: LD3Options | None = None,
-    learned_options: LearnedSolverOptions | None = None,
+    learned_options: LearnedSolverOptions | Sequence[LearnedSolverOptions] | None = None,
     learned_bases: int = 3,
     generator: torch.Generator | None = None,
     model_id: str | None = None,
@@ -146,8 +154,14 @@ def auto_schedules(
             raise ValueError(f"{name} must be a tensor of shape (N, ...) with N >= 2")
     if isinstance(learned_bases, bool) or not isinstance(learned_bases, int) or learned_bases < 1:
         raise ValueError(f"learned_bases must be an integer >= 1, got {learned_bases!r}")
-    if learned_options is not None:
-        learned_options.check()
+    variants = (DEFAULT_LEARNED_OPTIONS if learned_options is None else (learned_options,)
+                if isinstance(learned_options, LearnedSolverOptions)
+                else tuple(learned_options) if isinstance(learned_options, (list, tuple)) else ())
+    if not variants or not all(isinstance(v, LearnedSolverOptions) for v in variants):
+        raise ValueError("learned_options must be a LearnedSolverOptions or a non-empty sequence of them, got "
+                         f"{learned_options!r}")
+    for v in variants:
+        v.check()
     nfes = list(nfes)
     for n in nfes:
         steps_for_nfe("euler", n)  # ValueError for a non-integer or < 1
@@ -167,9 +181,10 @@ def auto_schedules(
     if "learned" in methods:
         for nfe in nfes:
             for base in _learned_bases(scored[nfe], learned_bases):
-                c = learn_solver(denoiser, noise, base, targets=targets, options=learned_options, sigma_min=lo,
-                                 sigma_max=hi, generator=generator, progress=False, **cond)
-                scored[nfe].append((endpoint_rmse(denoiser, c, held_out, reference, **hcond), c.solver, c))
+                for opts in variants:
+                    c = learn_solver(denoiser, noise, base, targets=targets, options=opts, sigma_min=lo,
+                                     sigma_max=hi, generator=generator, progress=False, **cond)
+                    scored[nfe].append((endpoint_rmse(denoiser, c, held_out, reference, **hcond), c.solver, c))
     seconds = round(time.perf_counter() - t0, 3)
     return {nfe: _winner(sorted(sc, key=lambda item: item[0]), model_id, held_out, noise, seconds)
             for nfe, sc in scored.items()}
