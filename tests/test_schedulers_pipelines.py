@@ -252,13 +252,15 @@ def test_flux_pipeline_restart_equals_function(flux_setup):
     assert rel_err(out, x) <= TOL
 
 
-def test_flux_pipeline_fastgen_heun_equals_function(flux_setup):
+@pytest.mark.parametrize("solver", ["heun", "unipc", "unipc3"])
+def test_flux_pipeline_fastgen_solver_equals_function(flux_setup, solver):
+    """Flow state space (VE arithmetic in float64): the scheduler's steps are the functional solver's."""
     tr, config = flux_setup
-    sched = FastgenScheduler.from_config(config, solver="heun")
+    sched = FastgenScheduler.from_config(config, solver=solver)
     out, seen = run_flux(tr, sched, steps=4)
     sigmas = sched.plan_sigmas
     den, x_fm, cond = flux_reference(tr, seen)
-    x = solvers.heun(den, x_fm * (1 + sigmas[0].item()), sigmas, **cond)
+    x = solvers.get_solver(solver)(den, x_fm * (1 + sigmas[0].item()), sigmas, **cond)
     assert rel_err(out, x) <= TOL
 
 
