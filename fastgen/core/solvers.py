@@ -223,22 +223,6 @@ def ipndm(
     return x
 
 
-def _unipc_rhos(h: Any, r: Any | None, corrector: bool) -> tuple[Any, Any, Any]:
-    """UniPC-bh2 coefficients for step size ``h`` (in lambda = -log sigma) and the previous-point ratio
-    ``r`` (None: first order). Returns ``(B_h, rho_prev, rho_new)``: the predictor uses ``rho_prev``
-    (0.5 at order 2), the corrector solves the 2x2 system (``rho_new`` weighs ``D_t - D_0``)."""
-    hh = -h
-    b_h = _expm1(hh)  # bh2: B(h) = e^{-h} - 1
-    phi_1 = b_h / hh - 1
-    phi_2 = phi_1 / hh - 0.5
-    b1, b2 = phi_1 / b_h, phi_2 * 2 / b_h
-    if r is None:
-        return b_h, None, 0.5
-    if not corrector:
-        return b_h, 0.5, None
-    return b_h, (b1 - b2) / (1 - r), (b2 - r * b1) / (1 - r)
-
-
 def unipc(
     denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, *, callback: Callback = None,
     check_finite: bool = True, **cond: Any,
@@ -249,39 +233,10 @@ def unipc(
     then the predictor UniP (order 2 after the first step) moves to the next sigma. The last step is
     first order (Diffusers' ``lower_order_final``), so a step to 0 returns the denoised state.
     NFE = number of steps. In VP terms (x_vp = alpha x) the same coefficients give Diffusers'
-    ``UniPCMultistepScheduler(solver_type="bh2", predict_x0=True, solver_order=2)``.
+    ``UniPCMultistepScheduler(solver_type="bh2", predict_x0=True, solver_order=2)``. It is
+    :func:`unipc3` at ``order=2`` (one implementation: :func:`unipc_step`).
     """
-    sigmas = _prepare(x, sigmas)
-    n = len(sigmas) - 1
-    hist: list[tuple[torch.Tensor, Any]] = []  # (denoised, lambda) at the last points, newest last
-    base, base_order = x, 0
-    for i in range(n):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = _denoise(denoiser, x, s, i, check_finite, cond)
-        if i > 0:  # UniC on the step sigmas[i-1] -> sigmas[i] just taken
-            m0, lam0 = hist[-1]
-            h = _log(sigmas[i - 1]) - _log(s)
-            r = (hist[-2][1] - lam0) / h if base_order == 2 else None
-            b_h, rho_prev, rho_new = _unipc_rhos(h, r, corrector=True)
-            x = (s / sigmas[i - 1]) * base - _expm1(-h) * m0
-            corr = rho_new * (denoised - m0)
-            if r is not None:
-                corr = corr + rho_prev * (hist[-2][0] - m0) / r
-            x = x - b_h * corr
-        hist = [*hist, (denoised, -_log(s))][-2:]
-        order = min(2, n - i, len(hist))
-        base, base_order = x, order
-        if float(s_next) == 0:
-            x = denoised
-        else:
-            h = _log(s) - _log(s_next)
-            r = (hist[-2][1] - hist[-1][1]) / h if order == 2 else None
-            b_h, rho_prev, _ = _unipc_rhos(h, r, corrector=False)
-            x = (s_next / s) * x - _expm1(-h) * denoised
-            if r is not None:
-                x = x - b_h * rho_prev * (hist[-2][0] - denoised) / r
-        _emit(callback, i, sigmas, x, denoised)
-    return x
+    return unipc3(denoiser, x, sigmas, callback=callback, check_finite=check_finite, order=2, **cond)
 
 
 def _unipc_system(h: torch.Tensor, rks: torch.Tensor, bh1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
