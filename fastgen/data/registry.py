@@ -44,8 +44,7 @@ def dataset_names() -> list[str]:
 
 def _builder(name: Any) -> Callable[..., Dataset]:
     if not isinstance(name, str) or name not in _DATASETS:
-        raise ValueError(f"data.name must be one of {dataset_names()}, got {name!r}"
-                         + (" (import fastgen.distill first: it registers 't2i')" if name == "t2i" else ""))
+        raise ValueError(f"data.name must be one of {dataset_names()}, got {name!r}")
     return _DATASETS[name]
 
 
