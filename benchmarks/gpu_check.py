@@ -9,7 +9,7 @@
    against a one-step student (1 UNet call; the f-distill student of section 4, which costs what a trained one
    costs), batch 64, decoded images.
 4. **distillation** -- it/s and peak memory of text-to-image f-distill (``fastgen/configs/distill/digits-sd.yaml``)
-   at batch 64.
+   at batch 64, in fp32 (``mixed_precision: no``) and, on a GPU, again under bf16 autocast.
 5. **FSDP** -- one FSDP2 training step through accelerate (``torchrun`` on the visible GPUs with an FSDP2
    accelerate configuration in the environment).
 
@@ -128,31 +128,56 @@ def attention_agreement(dev: torch.device) -> dict[str, Any]:
         emb = pipe.text_encoder(ids)[0]
         t = torch.full((8,), 500, device=dev)
         sdpa = unet(x, t, encoder_hidden_states=emb).sample.float()
-        unet.enable_xformers_memory_efficient_attention()
+        try:  # Diffusers runs a tiny xformers attention first: a build without kernels for this torch fails here
+            unet.enable_xformers_memory_efficient_attention()
+        except (NotImplementedError, RuntimeError, ValueError) as err:
+            import xformers
+
+            why = ("it was built without CUDA kernels for this torch" if "build with CUDA support" in str(err)
+                   else str(err).splitlines()[0])
+            return {"status": f"failed: xformers {xformers.__version__} cannot run on torch {torch.__version__}: "
+                              f"{why} (python -m xformers.info)"}
         xf = unet(x, t, encoder_hidden_states=emb).sample.float()
     return {"status": "ok", "max_abs": float((xf - sdpa).abs().max()), "rel_rmse": _rel(xf, sdpa)}
 
 
-def _t2i_trainer(dev: torch.device, batch: int, out: str, smoke: bool):
+def _timed(dev: torch.device, fn, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (device synchronised around each)."""
+    out = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _t2i_trainer(dev: torch.device, batch: int, out: str, smoke: bool, precision: str = "no"):
     import fastgen.distill  # noqa: F401  (registers fdistill and the t2i data set)
     from fastgen.train import Trainer
     from fastgen.train.config import load_config
 
     over = [f"batch_size={batch}", f"output_dir={out}", "progress=false", "num_threads=null",
-            f"cpu={'true' if dev.type == 'cpu' else 'false'}", "data.cache_dir=null", "resume=none"]
+            f"cpu={'true' if dev.type == 'cpu' else 'false'}", "data.cache_dir=null", "resume=none",
+            "method.regression_steps=0"]  # time the distribution-matching steps, not the warm-up regression
+    if precision != "no":
+        over.append(f"mixed_precision={precision}")
     if smoke:
         over += ["data.real_per_prompt=1", "data.teacher_steps=2"]
     cfg = load_config(REPO / "fastgen" / "configs" / "distill" / "digits-sd.yaml", over)
     return Trainer(cfg)
 
 
-def distillation(dev: torch.device, batch: int, steps: int, smoke: bool) -> tuple[dict[str, Any], Any]:
-    """Text-to-image f-distill it/s and peak memory at ``batch`` (falls back to the unconditional digits
-    f-distill when the text-to-image path cannot be built, and says so)."""
+def distillation(dev: torch.device, batch: int, steps: int, smoke: bool, precision: str = "no",
+                 repeats: int = 3) -> tuple[dict[str, Any], Any]:
+    """Text-to-image f-distill it/s (mean over ``repeats`` windows of ``steps`` steps after one warm-up step,
+    with the slowest and fastest window) and peak memory at ``batch`` under ``mixed_precision`` ``precision``
+    (falls back to the unconditional digits f-distill when the text-to-image path cannot be built, and says so)."""
     out = tempfile.mkdtemp(prefix="fastgen-gpu-check-")
     path = "text-to-image (digits-sd, CFG 1.5)"
     try:
-        tr = _t2i_trainer(dev, batch, out, smoke)
+        tr = _t2i_trainer(dev, batch, out, smoke, precision)
     except Exception as err:  # noqa: BLE001 -- report what failed, measure the unconditional path instead
         from fastgen.train import Trainer
         from fastgen.train.config import load_config
@@ -160,48 +185,56 @@ def distillation(dev: torch.device, batch: int, steps: int, smoke: bool) -> tupl
         path = f"unconditional digits f-distill (text-to-image failed: {type(err).__name__}: {err})"
         cfg = load_config(REPO / "fastgen" / "configs" / "distill" / "digits-js.yaml",
                           [f"batch_size={batch}", f"output_dir={out}", "progress=false", "num_threads=null",
-                           f"cpu={'true' if dev.type == 'cpu' else 'false'}", "resume=none"])
+                           f"cpu={'true' if dev.type == 'cpu' else 'false'}", "resume=none"]
+                          + ([f"mixed_precision={precision}"] if precision != "no" else []))
         tr = Trainer(cfg)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     tr.train_step()  # warm-up (student and critic steps alternate: time whole cycles)
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tr.train_step()
-    _sync(dev)
-    its = steps / (time.perf_counter() - t0)
+    losses: set[str] = set()
+
+    def window() -> None:
+        for _ in range(steps):
+            losses.update(k for k in tr.train_step() if k.startswith("loss/"))
+
+    rates = [steps / t for t in _timed(dev, window, repeats)]
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    return {"path": path, "batch": batch, "steps_timed": steps, "it_per_s": its, "peak_mib": peak}, tr
+    return {"path": path, "mixed_precision": precision, "batch": batch, "steps_timed": steps, "repeats": repeats,
+            "it_per_s": sum(rates) / len(rates), "it_per_s_min": min(rates), "it_per_s_max": max(rates),
+            "peak_mib": peak, "losses": sorted(losses)}, tr
 
 
-def samples_per_s(dev: torch.device, tr: Any, n: int, teacher_steps: int) -> dict[str, Any]:
+def samples_per_s(dev: torch.device, tr: Any, n: int, teacher_steps: int, repeats: int = 3) -> dict[str, Any]:
     """Decoded samples/s of the teacher pipeline (``teacher_steps`` DDIM steps, CFG 1.5) and of the one-step
-    student of ``tr`` (its f-distill student), at batch ``n``."""
+    student of ``tr`` (its f-distill student), at batch ``n``: the mean over ``repeats`` timed calls after one
+    warm-up, with the slowest and fastest call's rate."""
     pipe = _pipeline(dev)
     prompts = ["a handwritten digit seven"] * n
-    with torch.no_grad():
-        pipe(prompts[:1], num_inference_steps=1, output_type="pt")  # warm-up
-        _sync(dev)
-        t0 = time.perf_counter()
-        pipe(prompts, num_inference_steps=teacher_steps, guidance_scale=1.5, output_type="pt")
-        _sync(dev)
-        teacher = n / (time.perf_counter() - t0)
     m = tr.method
     student = copy.deepcopy(tr.ema_network("student")).eval()
     cond = m._cond(torch.zeros(n, dtype=torch.long, device=dev))  # prompt (or class) 0 of the run's table
     z = torch.randn((n, *m.config.sample_shape), generator=torch.Generator().manual_seed(0)).to(dev)
-    with torch.no_grad():
-        student(z[:1], {k: v[:1] for k, v in cond.items()})
-        _sync(dev)
-        t0 = time.perf_counter()
+
+    def teacher() -> None:
+        pipe(prompts, num_inference_steps=teacher_steps, guidance_scale=1.5, output_type="pt")
+
+    def one_step() -> None:
         x = student(z, cond)
         if hasattr(pipe, "vae") and x.shape[1] == pipe.vae.config.latent_channels:
             pipe.vae.decode(x / pipe.vae.config.scaling_factor)
-        _sync(dev)
-        one = n / (time.perf_counter() - t0)
-    return {"batch": n, "teacher_unet_calls": 2 * teacher_steps, "student_unet_calls": 1,
-            "teacher_samples_per_s": teacher, "student_samples_per_s": one, "speed_up": one / teacher}
+
+    with torch.no_grad():
+        pipe(prompts[:1], num_inference_steps=1, output_type="pt")  # warm-ups
+        one_step()
+        t_teacher, t_student = _timed(dev, teacher, repeats), _timed(dev, one_step, repeats)
+    rate = {name: [n / t for t in ts] for name, ts in (("teacher", t_teacher), ("student", t_student))}
+    res: dict[str, Any] = {"batch": n, "repeats": repeats, "teacher_unet_calls": 2 * teacher_steps,
+                           "student_unet_calls": 1}
+    for name, rs in rate.items():
+        res[f"{name}_samples_per_s"] = sum(rs) / len(rs)
+        res[f"{name}_samples_per_s_min"], res[f"{name}_samples_per_s_max"] = min(rs), max(rs)
+    res["speed_up"] = res["student_samples_per_s"] / res["teacher_samples_per_s"]
+    return res
 
 
 _FSDP_STEP = """
@@ -226,7 +259,9 @@ def fsdp_step(dev: torch.device) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         script = Path(out) / "fsdp_step.py"
         script.write_text(_FSDP_STEP % out)
-        env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "PYTHONPATH": str(REPO)}
+        # the repository first, the environment's own path after it (packages installed beside the image's)
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "PYTHONPATH": path}
         nproc = max(1, torch.cuda.device_count())
         torchrun = Path(sys.executable).with_name("torchrun")
         r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", str(nproc), str(script)],
@@ -238,41 +273,57 @@ def fsdp_step(dev: torch.device) -> dict[str, Any]:
     return {"status": "ok", "distributed_type": kind, "processes": int(world), "loss": float(loss)}
 
 
-def run(smoke: bool) -> dict[str, Any]:
+def _save(res: dict[str, Any], path: Path | None) -> None:
+    """Write ``res`` as JSON to ``path`` atomically (after every section: a run stopped at its time limit keeps
+    what it measured)."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, path)
+
+
+def run(smoke: bool, json_path: Path | None = None) -> dict[str, Any]:
     dev = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     if smoke:
         torch.set_num_threads(1)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "CPU",
-                           "smoke": smoke}
+                           "smoke": smoke, "seconds": {}}
+    batch, steps = (4, 5) if smoke else (64, 20)  # whole student + critic cycles (student_every 5)
+    state: dict[str, Any] = {}
+
+    def distill() -> dict[str, Any]:
+        out, state["trainer"] = distillation(dev, batch, steps, smoke)
+        return out
+
+    def distill_bf16() -> dict[str, Any]:
+        out, tr = distillation(dev, batch, steps, smoke, precision="bf16")
+        del tr
+        return out
+
+    def samples() -> dict[str, Any]:
+        if state.get("trainer") is None:
+            return {"status": "skipped: no student (distillation failed)"}
+        return samples_per_s(dev, state["trainer"], 4 if smoke else 64, 2 if smoke else 30)
+
     sections = [
         ("solvers", lambda: solver_agreement(dev, 4 if smoke else 64)),
         ("schedulers", lambda: scheduler_agreement(dev, 1 if smoke else 16, 2 if smoke else 30)),
         ("attention", lambda: attention_agreement(dev)),
+        ("distillation", distill),
     ]
+    if dev.type == "cuda":  # bf16 autocast on a CPU measures nothing a user runs
+        sections.append(("distillation_bf16", distill_bf16))
+    sections += [("samples", samples), ("fsdp", lambda: fsdp_step(dev))]
     for name, fn in sections:
         t0 = time.perf_counter()
         try:
             res[name] = fn()
         except Exception as err:  # noqa: BLE001 -- a check that fails is a result, the others still run
             res[name] = {"status": f"failed: {type(err).__name__}: {err}"}
-        res.setdefault("seconds", {})[name] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tr = None
-    try:
-        res["distillation"], tr = distillation(dev, 4 if smoke else 64, 2 if smoke else 20, smoke)
-    except Exception as err:  # noqa: BLE001
-        res["distillation"] = {"status": f"failed: {type(err).__name__}: {err}"}
-    res["seconds"]["distillation"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    try:
-        res["samples"] = samples_per_s(dev, tr, 4 if smoke else 64, 2 if smoke else 30) if tr else \
-            {"status": "skipped: no student (distillation failed)"}
-    except Exception as err:  # noqa: BLE001
-        res["samples"] = {"status": f"failed: {type(err).__name__}: {err}"}
-    res["seconds"]["samples"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res["fsdp"] = fsdp_step(dev)
-    res["seconds"]["fsdp"] = time.perf_counter() - t0
+        res["seconds"][name] = time.perf_counter() - t0
+        print(f"gpu_check: {name} done in {res['seconds'][name]:.1f} s", file=sys.stderr, flush=True)
+        _save(res, json_path)
     return res
 
 
@@ -287,8 +338,12 @@ def _markdown(res: dict[str, Any]) -> str:
             continue
         lines += [f"Relative RMSE vs fp32 ({key}):", "",
                   markdown_table([key[:-1], "fp16", "bf16"], [[k, v["fp16"], v["bf16"]] for k, v in sec.items()]), ""]
-    for key in ("attention", "distillation", "samples", "fsdp"):
-        lines.append(f"- {key}: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+    for key in ("attention", "distillation", "distillation_bf16", "samples", "fsdp"):
+        if key not in res:
+            continue
+        # a failure's first line here (its whole message, and a launch's output tail, stay in the JSON)
+        lines.append(f"- {key}: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else
+                                              f"{k} = {str(v).splitlines()[0] if v else v}"
                                               for k, v in res[key].items() if k != "tail"))
     lines += ["", "Seconds per section: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items())]
     return "\n".join(lines) + "\n"
@@ -297,8 +352,9 @@ def _markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="reduced run on the CPU; print JSON, write nothing")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here after every section")
     args = ap.parse_args(argv)
-    res = run(args.cpu_smoke)
+    res = run(args.cpu_smoke, args.json)
     if args.cpu_smoke:
         print(json.dumps(res))
         return 0

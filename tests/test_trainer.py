@@ -129,6 +129,13 @@ def test_config_errors(tmp_path):
         config_from_dict(tiny_cfg(tmp_path, mixed_precision="fp8"))
     with pytest.raises(FileNotFoundError, match="nope.yaml.*file not found"):
         load_config(tmp_path / "nope.yaml")
+    # accelerate's "no", written bare in YAML (1.1 reads it as False), in a file and as an override
+    yml = tmp_path / "c.yaml"
+    yml.write_text(f"output_dir: {tmp_path / 'o'}\nmixed_precision: no\n")
+    assert load_config(yml).mixed_precision == "no"
+    assert load_config(yml, ["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision must be of type"):  # True is no precision's name
+        load_config(yml, ["mixed_precision=yes"])
     cfg = config_from_dict(tiny_cfg(tmp_path))
     with pytest.raises(ValueError, match=r"unknown mlp network option\(s\) \['widht'\]"):
         Trainer(config_from_dict(tiny_cfg(tmp_path, network={"kind": "mlp", "in_dim": 2, "widht": 3})))

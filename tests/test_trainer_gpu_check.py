@@ -40,8 +40,14 @@ def test_every_other_section_reports(smoke):
     assert smoke["attention"]["status"].startswith("skipped: xformers")  # not installed on this machine
     d = smoke["distillation"]
     assert d["path"].startswith("text-to-image (digits-sd") and d["batch"] == 4 and d["it_per_s"] > 0
+    # the timed steps are distribution matching (student and critic steps), not the config's warm-up regression
+    assert d["losses"] == ["loss/critic", "loss/student"] and d["mixed_precision"] == "no"
+    assert d["repeats"] == 3 and 0 < d["it_per_s_min"] <= d["it_per_s"] <= d["it_per_s_max"]
+    assert "distillation_bf16" not in smoke  # bf16 is timed on GPUs only
     s = smoke["samples"]
     assert s["teacher_unet_calls"] == 4 and s["student_unet_calls"] == 1  # 2 DDIM steps x CFG vs one step
-    assert s["teacher_samples_per_s"] > 0 and s["student_samples_per_s"] > 0
+    for who in ("teacher", "student"):  # a mean over the timed repeats lies between their extremes
+        assert 0 < s[f"{who}_samples_per_s_min"] <= s[f"{who}_samples_per_s"] <= s[f"{who}_samples_per_s_max"]
+    assert s["repeats"] == 3
     assert smoke["fsdp"]["status"].startswith("skipped: accelerate selects FSDP only on GPUs")
     assert set(smoke["seconds"]) == {"solvers", "schedulers", "attention", "distillation", "samples", "fsdp"}

@@ -177,6 +177,10 @@ def check_fields(cls: type, options: Any, what: str) -> None:
         raise ValueError(f"unknown {what} {unknown}; accepted: {names}")
 
 
+# String fields whose accepted values include accelerate's "no", which YAML 1.1 reads as the boolean False.
+_YAML_NO_KEYS = frozenset({"mixed_precision"})
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"config: {where or 'top level'} must be a mapping, got {type(data).__name__}")
@@ -204,6 +208,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
                 v = float(v)
             except ValueError:
                 pass
+        if hint is str and v is False and k in _YAML_NO_KEYS:  # YAML 1.1 reads `mixed_precision: no` as False
+            v = "no"
         if not _hint_ok(v, hint):
             raise ValueError(f"config: {key} must be of type {hint}, got {v!r}")
         if floaty and isinstance(v, int) and not isinstance(v, bool):
