@@ -66,6 +66,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "s2.5-rkl": ("digits", "sigma 2.5 + reverse-KL", ["method.student_sigma=2.5", "method.divergence=reverse_kl"]),
     "s2.5-ui": ("digits", "sigma 2.5 + Uni-Instruct (JS, exact DI)", ["method.student_sigma=2.5",
                                                                      "method.name=uni_instruct"]),
+    # ---- DMD's regression loss (teacher ODE from the student's own noise), from the sigma-2.5 default
+    **{f"s2.5-reg{w:g}": ("digits", f"sigma 2.5 + regression weight {w:g}",
+                          ["method.student_sigma=2.5", f"method.regression_weight={w}"]) for w in (0.25, 1.0, 4.0)},
+    **{f"ring-js-reg{w:g}": ("ring", f"f-distill JS + regression weight {w:g}",
+                             [f"method.regression_weight={w}"]) for w in (0.25, 1.0, 4.0)},
 }
 
 #: The equal-budget table (issue 17): divergence x {f-distill, Uni-Instruct} on the ring, same iterations.

@@ -14,8 +14,11 @@ Generator step (f-distill card, sections 1, 4, 5), for ``x = G(z)``, ``x_t = x +
     r~  = r / bin_mean(log sigma)          h~ = h(r~) / mean_shard h(r~)      (detached; see ratio.py)
     g   = h~ * ((x - D_T) - (x - D_fake)) / (mean |x - D_T| + eps)          (DMD2's normalised gradient)
     L_G = 1/2 mean((x - sg(x - g))^2) + lambda_gan * mean softplus(-logit(x_t))
+          [+ lambda_reg * mean((x - ODE_T(sigma_max z))^2)]                        (optional, DMD's regression)
 
-so ``dL/dx = g / numel``. With ``h = 1`` (reverse-KL) this is DMD2's generator loss bit for bit.
+so ``dL/dx = g / numel``. With ``h = 1`` (reverse-KL) this is DMD2's generator loss bit for bit. The
+regression term (``regression_weight``, default 0) is DMD's (v1) paired loss with MSE for LPIPS: the teacher's
+ODE from the student's own noise, solved online on each student step.
 
 Critic step (section 6): denoising score matching of ``fake_score`` on stop-gradient student samples
 (x0-MSE, optionally EDM-weighted) plus ``disc_weight`` times the logistic loss
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.core.schedules import karras
+from fastgen.core.solvers import get_solver
 from fastgen.distill import divergences
 from fastgen.distill.discriminator import FeatureTap
 from fastgen.distill.fconfig import FAKE_WEIGHTINGS, PLACEMENTS, FDistillConfig
@@ -216,6 +220,22 @@ class FDistill:
         with torch.no_grad():
             return self._guide(self.teacher(x_t, sigma, **cond), x_t, sigma, cond)
 
+    def regression_weight_at(self, step: int) -> float:
+        """``regression_weight`` at ``step``: constant, or decayed linearly to 0 at ``regression_anneal_steps``."""
+        cfg = self.config
+        if cfg.regression_anneal_steps == 0:
+            return cfg.regression_weight
+        return cfg.regression_weight * max(0.0, 1.0 - step / cfg.regression_anneal_steps)
+
+    def teacher_ode(self, z: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+        """The (guided) teacher's probability-flow ODE solution from ``sigma_max z`` to sigma = 0 (detached;
+        ``regression_solver`` on ``regression_grid`` Karras sigmas): the regression target of noise ``z``."""
+        cfg = self.config
+        sigmas = karras(cfg.regression_grid, cfg.sigma_min, cfg.sigma_max).to(z.device)
+        with torch.no_grad():
+            return get_solver(cfg.regression_solver)(
+                lambda x, s, **c: self.teacher_predict(x, s, c), z.detach() * cfg.sigma_max, sigmas, **dict(cond))
+
     def _guide(
         self, d: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]
     ) -> torch.Tensor:
@@ -296,6 +316,12 @@ class FDistill:
         loss = loss_dmd
         logs["loss_dmd"] = float(loss_dmd.detach())
         logs["grad_x_dmd"] = float(g.norm() / g.numel())
+        w_reg = self.regression_weight_at(step)
+        if w_reg > 0:
+            loss_reg = ((x.float() - self.teacher_ode(z, cond).float()) ** 2).mean()
+            loss = loss + w_reg * loss_reg
+            logs["loss_regression"] = float(loss_reg.detach())
+            logs["regression_weight"] = w_reg
         if use_gan:
             assert logits is not None
             loss_gan = F.softplus(-logits).mean()
