@@ -76,11 +76,15 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
 #: The equal-budget table (issue 17): divergence x {f-distill, Uni-Instruct} on the ring, same iterations.
 TABLE_DIVS = {"reverse_kl": "reverse-KL", "js": "JS", "forward_kl": "forward-KL", "hellinger": "Hellinger",
               "alpha:1.5": "alpha = 1.5"}
-TABLE_METHODS = {"fd": ("f-distill", "fdistill"), "ui": ("Uni-Instruct", "uni_instruct")}
+#: method key -> (label, overrides); the regression weight is explicit, whatever the config's default.
+TABLE_METHODS = {
+    "fd": ("f-distill", ["method.name=fdistill", "method.regression_weight=0.0"]),
+    "ui": ("Uni-Instruct", ["method.name=uni_instruct", "method.regression_weight=0.0"]),
+    "fdreg": ("f-distill + regression 4", ["method.name=fdistill", "method.regression_weight=4.0"]),
+}
 for _d, _dn in TABLE_DIVS.items():
-    for _m, (_mn, _method) in TABLE_METHODS.items():
-        VARIANTS[f"ring-{_d.replace(':', '')}-{_m}"] = (
-            "ring", f"{_mn}, {_dn}", [f"method.name={_method}", f"method.divergence={_d}"])
+    for _m, (_mn, _over) in TABLE_METHODS.items():
+        VARIANTS[f"ring-{_d.replace(':', '')}-{_m}"] = ("ring", f"{_mn}, {_dn}", [*_over, f"method.divergence={_d}"])
 VARIANTS["ring-linbins"] = ("ring", "f-distill JS + FastGen's raw-sigma ratio bins", ["method.ratio_bin_space=linear"])
 
 

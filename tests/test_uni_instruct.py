@@ -105,12 +105,12 @@ def _cfg(**kw):
     return {**base, **kw}
 
 
-@pytest.mark.parametrize("divergence", ["js", "reverse_kl"])
-def test_sim_off_and_fdistill_di_is_fdistill_bit_for_bit(divergence):
+@pytest.mark.parametrize("divergence,regression", [("js", 0.0), ("reverse_kl", 0.0), ("js", 2.0)])
+def test_sim_off_and_fdistill_di_is_fdistill_bit_for_bit(divergence, regression):
     teacher, fake = _toy(0), _toy(1)
-    fd = FDistill(teacher, FDistillConfig(**_cfg(divergence=divergence)), fake_score=copy.deepcopy(fake))
-    ui = UniInstruct(teacher, _cfg(divergence=divergence, sim_weight=0.0, di_term="fdistill"),
-                     fake_score=copy.deepcopy(fake))
+    kw = dict(divergence=divergence, regression_weight=regression)  # with DMD's regression term too
+    fd = FDistill(teacher, FDistillConfig(**_cfg(**kw)), fake_score=copy.deepcopy(fake))
+    ui = UniInstruct(teacher, _cfg(**kw, sim_weight=0.0, di_term="fdistill"), fake_score=copy.deepcopy(fake))
     ui.student.load_state_dict(fd.student.state_dict())
     ui.disc.load_state_dict(fd.disc.state_dict())
     z, sigma, eps = _batch(fd)
@@ -119,6 +119,7 @@ def test_sim_off_and_fdistill_di_is_fdistill_bit_for_bit(divergence):
     g2 = torch.autograd.grad(l2, list(ui.student.parameters()))
     assert torch.equal(l1, l2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert ("loss_regression" in ui.last_logs) == (regression > 0)
 
 
 def test_reverse_kl_exact_is_sid_with_alpha_one_half():

@@ -220,6 +220,18 @@ class FDistill:
         with torch.no_grad():
             return self._guide(self.teacher(x_t, sigma, **cond), x_t, sigma, cond)
 
+    def regression_loss(self, x: torch.Tensor, z: torch.Tensor, cond: Mapping[str, Any], step: int,
+                        logs: dict[str, float]) -> torch.Tensor:
+        """``w_reg(step) * mean((x - ODE_T(sigma_max z))^2)`` for the student's samples ``x = G(z)`` (a zero when
+        the weight is 0 at ``step``: no teacher ODE is solved); logs ``loss_regression`` and its weight."""
+        w_reg = self.regression_weight_at(step)
+        if w_reg <= 0:
+            return x.new_zeros((), dtype=torch.float32)
+        loss_reg = ((x.float() - self.teacher_ode(z, cond).float()) ** 2).mean()
+        logs["loss_regression"] = float(loss_reg.detach())
+        logs["regression_weight"] = w_reg
+        return w_reg * loss_reg
+
     def regression_weight_at(self, step: int) -> float:
         """``regression_weight`` at ``step``: constant, or decayed linearly to 0 at ``regression_anneal_steps``."""
         cfg = self.config
@@ -316,12 +328,7 @@ class FDistill:
         loss = loss_dmd
         logs["loss_dmd"] = float(loss_dmd.detach())
         logs["grad_x_dmd"] = float(g.norm() / g.numel())
-        w_reg = self.regression_weight_at(step)
-        if w_reg > 0:
-            loss_reg = ((x.float() - self.teacher_ode(z, cond).float()) ** 2).mean()
-            loss = loss + w_reg * loss_reg
-            logs["loss_regression"] = float(loss_reg.detach())
-            logs["regression_weight"] = w_reg
+        loss = loss + self.regression_loss(x, z, cond, step, logs)
         if use_gan:
             assert logits is not None
             loss_gan = F.softplus(-logits).mean()

@@ -19,7 +19,7 @@ discriminator, ratio ``r = exp(clamp(logit))`` with its clip, per-bin ratio norm
 step) with the generator loss::
 
     L_G = sim_weight * mean_i w_i [sg(a_i) ||Delta_i||^2 + sg(b_i) Delta_i . (D_q,i - x_i)]
-          + di_weight * DI  +  lambda_gan * mean softplus(-logit(x_t))
+          + di_weight * DI  +  lambda_gan * mean softplus(-logit(x_t))  [+ f-distill's regression term]
 
 with per-sample weight ``w_i = 1 / (wf_i * numel_i * mean_batch Phi)`` (``wf = mean |x - D_p| + dmd_eps``,
 SiD's normaliser; the sigma^4 of the expansion is absorbed into the per-sigma weighting) and DI either
@@ -191,6 +191,7 @@ class UniInstruct(FDistill):
             loss_gan = F.softplus(-logits).mean()
             loss = loss + cfg.lambda_gan * loss_gan
             logs["loss_gan_g"] = float(loss_gan.detach())
+        loss = loss + self.regression_loss(x, z, cond, step, logs)  # DMD's paired term, as in f-distill
         _check_finite("student loss", loss, step)
         logs["loss_student"] = float(loss.detach())
         self.last_logs.update(logs)
