@@ -494,6 +494,15 @@ def test_saved_student_is_a_zoo_model(tmp_path):
     z, lab = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     with torch.no_grad():
         torch.testing.assert_close(loaded(z, lab), student(z, lab))
+    # the zoo's float16 copy: half the bytes, the same network within float16 rounding of its weights
+    from safetensors.torch import load_file
+
+    save_student(student, tmp_path / "digits-fdistill-half", (4,), half=True)
+    assert {v.dtype for v in load_file(tmp_path / "digits-fdistill-half.safetensors").values()} == {torch.float16}
+    half = zoo.load("digits-fdistill-half", weights_dir=tmp_path)
+    with torch.no_grad():
+        err = (half(z, lab) - student(z, lab)).abs().max() / student(z, lab).abs().max()
+    assert 0 < err < 5e-3  # weights rounded to 2^-11 relative, a 2-layer net: a few units of that
 
 
 def test_cli_distill_writes_a_loadable_student_and_rejects_bad_configs(tmp_path, capsys):

@@ -181,14 +181,15 @@ def evaluate_digits(student, method, n: int, seed: int = 0) -> float:
 
 
 def save_and_export(student, method, path: Path, export: str | None, meta: dict) -> Path:
-    """Save the student next to the run and optionally into the zoo folder as ``export``."""
+    """Save the student next to the run (weights as trained) and optionally into the zoo folder as ``export``
+    (float16 weights, as the zoo ships them)."""
     from fastgen.distill.student import save_student
 
     def write(target: Path, zoo: bool = False):
-        if hasattr(method, "save_student"):  # few-step students (SFD, BOSS) write their own grid; zoo: float16
+        if hasattr(method, "save_student"):  # few-step students (SFD, BOSS) write their own grid
             return method.save_student(student, target, meta, half=zoo)
         shape = method.sample_shape if hasattr(method, "sample_shape") else method.config.sample_shape
-        return save_student(student, target, shape, meta)[0]
+        return save_student(student, target, shape, meta, half=zoo)[0]
 
     weights = write(path)
     if export:

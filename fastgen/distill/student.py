@@ -114,8 +114,10 @@ def save_student(
     path: str | Path,
     sample_shape: tuple[int, ...],
     metadata: Mapping[str, Any] | None = None,
+    half: bool = False,
 ) -> tuple[Path, Path]:
-    """Write ``<path>.safetensors`` (the bare network's weights) and ``<path>.json``.
+    """Write ``<path>.safetensors`` (the bare network's weights; float16 with ``half``, as the zoo ships them,
+    else as trained) and ``<path>.json``.
 
     The JSON is a zoo entry (``fastgen.models.load`` reads it when the network has a ``kind``)::
 
@@ -140,7 +142,8 @@ def save_student(
     base.parent.mkdir(parents=True, exist_ok=True)
     weights = base.with_name(base.name + ".safetensors")
     meta = base.with_name(base.name + ".json")
-    state = {k: v.detach().cpu().contiguous() for k, v in bare_network(student).state_dict().items()}
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in bare_network(student).state_dict().items()}
     save_file(state, str(weights))
     doc = {
         "format": FORMAT,
@@ -152,6 +155,7 @@ def save_student(
             **({"flow_t": student.flow_t} if getattr(student, "flow_t", None) is not None else {}),
         },
         "sample_shape": list(sample_shape),
+        **({"weights_dtype": "float16"} if half else {}),
         "metadata": dict(metadata or {}),
         **({"pipeline": recipe["pipeline"]} if recipe.get("pipeline") else {}),
     }
