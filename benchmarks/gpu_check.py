@@ -153,16 +153,22 @@ def _timed(dev: torch.device, fn, repeats: int) -> list[float]:
     return out
 
 
+def _run_overrides(dev: torch.device, batch: int, out: str, precision: str) -> list[str]:
+    """The ``--set`` overrides every timed distillation run shares."""
+    over = [f"batch_size={batch}", f"output_dir={out}", "progress=false", "num_threads=null",
+            f"cpu={'true' if dev.type == 'cpu' else 'false'}", "resume=none"]
+    return over + ([f"mixed_precision={precision}"] if precision != "no" else [])
+
+
 def _t2i_trainer(dev: torch.device, batch: int, out: str, smoke: bool, precision: str = "no"):
     import fastgen.distill  # noqa: F401  (registers fdistill and the t2i data set)
     from fastgen.train import Trainer
     from fastgen.train.config import load_config
 
-    over = [f"batch_size={batch}", f"output_dir={out}", "progress=false", "num_threads=null",
-            f"cpu={'true' if dev.type == 'cpu' else 'false'}", "data.cache_dir=null", "resume=none",
-            "method.regression_steps=0"]  # time the distribution-matching steps, not the warm-up regression
-    if precision != "no":
-        over.append(f"mixed_precision={precision}")
+    over = _run_overrides(dev, batch, out, precision) + [
+        "data.cache_dir=null",
+        "method.regression_steps=0",  # time the distribution-matching steps, not the warm-up regression
+    ]
     if smoke:
         over += ["data.real_per_prompt=1", "data.teacher_steps=2"]
     cfg = load_config(REPO / "fastgen" / "configs" / "distill" / "digits-sd.yaml", over)
@@ -184,9 +190,7 @@ def distillation(dev: torch.device, batch: int, steps: int, smoke: bool, precisi
 
         path = f"unconditional digits f-distill (text-to-image failed: {type(err).__name__}: {err})"
         cfg = load_config(REPO / "fastgen" / "configs" / "distill" / "digits-js.yaml",
-                          [f"batch_size={batch}", f"output_dir={out}", "progress=false", "num_threads=null",
-                           f"cpu={'true' if dev.type == 'cpu' else 'false'}", "resume=none"]
-                          + ([f"mixed_precision={precision}"] if precision != "no" else []))
+                          _run_overrides(dev, batch, out, precision))
         tr = Trainer(cfg)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -75,6 +75,9 @@ CASES: list[tuple[str, list[str], str]] = [
     # ---- schedule
     ("schedule-dp-heun-nfe2", ["schedule", "dp", "--model", "ring-mixture", "--solver", "heun", "--nfe", "2",
                                "--out", "{root}/dp.json", "--no-progress"], "--nfe"),
+    ("schedule-auto-learned-iterations0", ["schedule", "auto", "--model", "ring-mixture", "--nfe", "4",
+                                           "--learned-iterations", "0", "--out", "{root}/a.json"],
+     "--learned-iterations must be >= 1"),
     ("schedule-dp-nfe0", ["schedule", "dp", "--model", "ring-mixture", "--nfe", "0", "--out", "{root}/dp.json"],
      "nfe"),
     ("schedule-dp-solver", ["schedule", "dp", "--model", "ring-mixture", "--solver", "bogus", "--nfe", "4",

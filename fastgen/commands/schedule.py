@@ -388,8 +388,8 @@ def _run_auto(args: argparse.Namespace) -> int:
     methods = _names(args.methods, METHODS, "--methods")
     for flag, v in (("--nfe", args.nfe), ("--num-noise", args.num_noise), ("--held-out", args.held_out),
                     ("--ld3-iterations", args.ld3_iterations), ("--learned-bases", args.learned_bases),
-                    ("--learned-iterations", 1 if args.learned_iterations is None else args.learned_iterations)):
-        if v < (2 if flag in ("--num-noise", "--held-out") else 1):
+                    ("--learned-iterations", args.learned_iterations)):
+        if v is not None and v < (2 if flag in ("--num-noise", "--held-out") else 1):  # None: the library's
             raise ValueError(f"{flag} must be >= {2 if flag in ('--num-noise', '--held-out') else 1}, got {v}")
     check_output_path(args.out, "--out")
     bed = _bed(args)
