@@ -71,15 +71,22 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def assemble() -> Path:
-    """Rebuild BENCHMARKS.md from every section in benchmarks/results/ (sorted by name)."""
+    """Rebuild BENCHMARKS.md from every section in benchmarks/results/ (sorted by name).
+
+    A section is a ``.md`` file that :func:`write_section` wrote (it opens with ``## ``); other Markdown
+    there (hand-written notes that a section includes, such as ``fdistill_ablations_notes.md``) is not a
+    section of its own and would otherwise appear twice."""
     parts = [
         "# fastgen benchmarks\n",
         "Every number below is written by a script in `benchmarks/` (`make bench` runs them all). "
         "Each section names the machine, versions and date it was measured on.\n",
     ]
     for sec in sorted(RESULTS.glob("*.md")):
+        text = sec.read_text()
+        if not text.startswith("## "):
+            continue
         # images named relative to benchmarks/results/ are re-pointed for BENCHMARKS.md at the root
-        parts.append(re.sub(r"\]\(([^/()]+\.png)\)", r"](benchmarks/results/\1)", sec.read_text()))
+        parts.append(re.sub(r"\]\(([^/()]+\.png)\)", r"](benchmarks/results/\1)", text))
     out = ROOT / "BENCHMARKS.md"
     out.write_text("\n".join(parts))
     return out

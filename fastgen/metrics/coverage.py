@@ -96,7 +96,10 @@ def fd_to_teacher(
 
     Args:
         student: student samples; teacher: teacher samples; teacher_other: teacher samples drawn
-            with independent noise (same size as ``student`` for a like-for-like floor).
+            with independent noise (same size as ``student`` for a like-for-like floor). Draw the
+            student's noise independently of ``teacher``'s too: a student trained to match the teacher
+            sample by sample (DMD's regression loss) sits on the teacher's samples from the same noise,
+            and the comparison with the floor would then hold by construction.
 
     Returns:
         ``{"fd_to_teacher": FD(student, teacher), "floor": FD(teacher_other, teacher),
