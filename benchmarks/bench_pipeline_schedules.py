@@ -13,7 +13,8 @@ For the shipped text-to-image pipelines ``digits-sd`` and ``digits-sd3`` (each l
   :func:`fastgen.samplers.diffusers_bridge.run_scheduler` on the same (guided) denoiser at the same NFE.
 
 Evaluation: held-out prompts ("the number {d}" / "a drawing of the digit {d}", 20 per class) and held-out
-noises (3 seeds of 200), at the card's CFG scale. Error = RMSE of the final latent to the dopri5 reference
+noises (3 seeds of 200), at the card's CFG scale (``--guidance W``: another scale, written to a section of
+its own). Error = RMSE of the final latent to the dopri5 reference
 ODE solution (``fastgen.core.ode.reference_solve``) from the same noise; FD_digits of the VAE-decoded
 images against the digits test split. Means over seeds with 95% Student-t intervals (``mean_ci``).
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.bench_pipeline_schedules`` (``--quick`` for a smoke run).
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: learn them now through the CLI)")
     p.add_argument("--solvers", default="dpmpp_2m,unipc", help="comma-separated fastgen solvers the CLI learns "
                    "DP and LD3 schedules for (any fastgen solver: FastgenScheduler steps them all)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (DiT convention) to learn and sample at, for every model (default: each card's, "
+                   f"{CARD_CFG}); a scale other than the card's writes the section pipeline_schedules_<model>_cfg<W>")
     p.add_argument("--models", default="digits-sd", help="comma-separated pipeline sources (digits-sd3 is "
                    "supported but slow on CPU: its CLI DP alone runs > 7 min on 2 shared cores)")
     args = p.parse_args(argv)
@@ -222,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         "each with `--prompt \"a handwritten digit {zero..nine}\"` and the CLI's default training noises "
         "(seed 0; LD3: 100 noises, 150 iterations max, dopri5 teacher; DP: 128 trajectories, 40-interval grid), "
         f"each with `--solver` {' and '.join(f'`{v}`' for v in solvers)} (both replay in the pipeline through "
-        "`FastgenScheduler`; every fastgen row is reported, named method-solver), learned at the card's CFG scale "
+        "`FastgenScheduler`; every fastgen row is reported, named method-solver), learned at the CFG scale sampled "
         "(`--guidance`, so the schedule fits the guided ODE that is sampled). Diffusers: the "
         "pipeline's default scheduler and DPMSolverMultistep (2M++), UniPC, Euler with and without Karras "
         "sigmas, each `from_config(pipe.scheduler.config)`, driven on the same guided denoiser with "
         "`run_scheduler` (one guided evaluation per step; NFE = guided evaluations for both sides). "
         "Evaluation on held-out prompts (\"the number {d}\" / \"a drawing of the digit {d}\") and held-out "
         f"noises: {len(seeds)} seeds ({', '.join(map(str, seeds))}) x {10 * per_class} samples "
-        f"({per_class} per class), at the card's CFG scale. Error: RMSE of the final latent to the dopri5 "
+        f"({per_class} per class), at that CFG scale. Error: RMSE of the final latent to the dopri5 "
         "reference ODE solution from the same noise (the default DDIM, with `leading` spacing, starts below "
         "sigma_max and so pays for a different start). FD_digits: decoded images vs the 899 test digits "
         f"({10 * per_class} samples: FD carries a 1/N bias, compare within the table). Values: mean "
@@ -240,16 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for model in args.models.split(","):
         t_model = time.perf_counter()
+        card_w = CARD_CFG.get(model, 1.0)
+        w = card_w if args.guidance is None else args.guidance
         if args.schedules:
             paths = find_schedules(model, Path(args.schedules))
         else:
             tmp = Path(tempfile.mkdtemp(prefix="fastgen-bench-"))
             t0 = time.perf_counter()
-            paths = learn_cli(model, tmp, nfes, args.quick, CARD_CFG.get(model, 1.0), solvers)
+            paths = learn_cli(model, tmp, nfes, args.quick, w, solvers)
             print(f"[{model}] CLI schedules learned in {time.perf_counter() - t0:.0f}s: {tmp}", flush=True)
         schedules = {k: Schedule.load(v) for k, v in paths.items()}
         m = load_model(model)
-        w = CARD_CFG.get(model, 1.0)
         runs = []
         for seed in seeds:
             t0 = time.perf_counter()
@@ -268,14 +273,16 @@ def main(argv: list[str] | None = None) -> int:
             f"alternative on both metrics; means over all {len(seeds)} seeds, no seed selection): " +
             "; ".join(f"{k[0]}: {v[1]} ({'beats all' if v[0] else 'does not beat all'})"
                       for k, v in sorted(at6.items())) + ".")
-        section = [*body, f"**{model}** (CFG {w}, schedules: {', '.join(sorted(paths))})\n\n{claim}\n\n{text}",
+        section = [*body, f"**{model}** (CFG {w}{'' if w == card_w else f', the card: {card_w}'}, schedules: {', '.join(sorted(paths))})\n\n{claim}\n\n{text}",
                    f"Wall time for {model}: {time.perf_counter() - t_model:.0f} s ({args.threads} thread(s), "
                    "a shared 2-core CPU)."]
         if args.quick:  # smoke run: numbers not meaningful, BENCHMARKS.md untouched
             print("\n\n".join(section[1:]))
             continue
-        write_section(f"pipeline_schedules_{model}",
-                      f"Schedules learned through the CLI vs {model}'s own schedulers", "\n\n".join(section),
+        suffix = "" if w == card_w else f"_cfg{w:g}"
+        write_section(f"pipeline_schedules_{model}{suffix}",
+                      f"Schedules learned through the CLI vs {model}'s own schedulers"
+                      + ("" if w == card_w else f" (CFG {w:g})"), "\n\n".join(section),
                       script="bench_pipeline_schedules")
     return 0
 
