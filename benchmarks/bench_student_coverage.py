@@ -59,6 +59,16 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).reshape(len(a), -1).pow(2).mean(1).sqrt().mean())
 
 
+def contract(x: torch.Tensor, labels: torch.Tensor, a: float) -> torch.Tensor:
+    """``x`` pulled towards its class means: ``mu_c + a (x - mu_c)`` within each class of ``labels``."""
+    y = x.clone()
+    for c in labels.unique():
+        m = labels == c
+        mu = x[m].mean(0, keepdim=True)
+        y[m] = mu + a * (x[m] - mu)
+    return y
+
+
 def one_seed(seed: int, num: int, t_sample, s_sample, data: torch.Tensor) -> dict[str, float]:
     """All metrics for one seed: the teacher on noise ``seed``, its floor draw on ``seed + FLOOR_OFFSET``,
     the student on ``seed + STUDENT_OFFSET``; ``rms_paired`` also runs the student on the teacher's own
@@ -87,6 +97,13 @@ def one_seed(seed: int, num: int, t_sample, s_sample, data: torch.Tensor) -> dic
     out["prec_teacher_student"], out["rec_teacher_student"] = pr["precision"], pr["recall"]
     pr = knn_precision_recall(xt2, xt, k=3)  # teacher vs teacher: the ceiling for the row above
     out["prec_teacher_teacher"], out["rec_teacher_teacher"] = pr["precision"], pr["recall"]
+    # How much of the gap a plain contraction explains: the teacher's samples shrunk towards their class
+    # means until their within-class spread is the student's.
+    a = class_diversity(xs, labels)["diversity"] / class_diversity(xt, labels)["diversity"]
+    xc = contract(xt, labels, a)
+    pr = knn_precision_recall(xc, data, k=3)
+    out.update(contraction=a, fd_data_contracted=fd_between(xc, data, "digits"), rec_data_contracted=pr["recall"],
+               prec_data_contracted=pr["precision"])
     return out
 
 
@@ -171,6 +188,12 @@ def report(results: list[dict[str, float]], num: int, floor: dict[str, float]) -
         ["k-NN recall vs teacher samples", _fmt(col["rec_teacher_teacher"]), _fmt(col["rec_teacher_student"])],
         ["k-NN precision vs teacher samples", _fmt(col["prec_teacher_teacher"]), _fmt(col["prec_teacher_student"])],
     ]
+    c_rows = [
+        [name, _fmt(col[f"{key}_teacher"]), _fmt(col[f"{key}_contracted"]), _fmt(col[f"{key}_student"]),
+         _fmt([r[f"{key}_contracted"] / r[f"{key}_teacher"] for r in results])]
+        for name, key in (("FD_digits to held-out data", "fd_data"), ("k-NN recall vs data", "rec_data"),
+                          ("k-NN precision vs data", "prec_data"))
+    ]
     n = len(results)
     return (
         f"`{STUDENT}` (1 NFE) vs `{TEACHER}` (Heun, 35 NFE), {n} seeds x {num} class-cycled samples; "
@@ -185,6 +208,10 @@ def report(results: list[dict[str, float]], num: int, floor: dict[str, float]) -
         f"{_fmt(col['rms_unpaired'])} apart. A student trained with DMD's regression loss is close to its teacher "
         "sample by sample, which is why the rows above draw its noise apart: on shared noise the coverage of the "
         "teacher's samples would hold by construction."
+        + "\n\n**How much a contraction explains.** The teacher's samples pulled towards their class means, "
+        "`mu_c + a (x - mu_c)`, with `a` = the student's within-class per-pixel std over the teacher's "
+        f"({_fmt(col['contraction'])}), so that their spread is the student's:\n\n"
+        + markdown_table(["metric", "teacher", "teacher contracted", "student", "contracted / teacher"], c_rows)
     )
 
 
