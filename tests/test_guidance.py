@@ -68,6 +68,38 @@ def test_cfg_affine_combination_is_exact_and_uses_two_calls():
     assert torch.equal(out2[:, 0], (8 + 3.0 * (y - 8)).double())
 
 
+def test_cfg_interval_guides_only_inside_and_skips_the_weak_pass_outside():
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 5])
+    full = CFGDenoiser(CountingStub(), 2.5)(x, 1.0, class_labels=y)
+    for sigma in (0.5, 1.0, 2.0):  # inside [0.5, 2], both ends included: bit for bit plain CFG, two calls
+        stub = CountingStub()
+        assert torch.equal(cfg(stub, 2.5, interval=(0.5, 2.0))(x, sigma, class_labels=y), full)
+        assert stub.calls == 2
+    for sigma in (0.49, 2.01, 80.0):  # outside: the conditional prediction, one call
+        stub = CountingStub()
+        assert torch.equal(cfg(stub, 2.5, interval=(0.5, 2.0))(x, sigma, class_labels=y)[:, 0], y.double())
+        assert stub.calls == 1
+    # per-sample sigmas straddling the interval: each row guided or not by its own sigma
+    stub = CountingStub()
+    out = cfg(stub, 2.5, interval=(0.5, 2.0))(x, torch.tensor([0.1, 1.0, 3.0, 2.0]), class_labels=y)
+    assert torch.equal(out[:, 0], torch.tensor([0.0, 4.0, 2.0, 14.0], dtype=torch.float64))
+    assert stub.calls == 2
+    # an open top and a sampler: the guided ODE on a toy equals plain CFG where the interval covers everything
+    gmm = ring_mixture()
+    den = gmm.denoiser()
+    z = torch.randn(32, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.arange(32) % 8
+    a = cfg(den, 2.0, interval=(0.0, math.inf))(z * 3.0, 3.0, class_labels=labels)
+    assert torch.equal(a, cfg(den, 2.0)(z * 3.0, 3.0, class_labels=labels))
+
+
+@pytest.mark.parametrize("bad", [(1.0, 1.0), (2.0, 1.0), (-0.1, 1.0), (float("nan"), 1.0), (0.0,), "ab", 3.0])
+def test_cfg_interval_bad_values_raise(bad):
+    with pytest.raises(ValueError, match="interval must"):
+        cfg(CountingStub(), 2.0, interval=bad)
+
+
 def test_affine_combination_in_x0_equals_combination_of_eps_and_velocity():
     gmm = ring_mixture()
     den = gmm.denoiser()

@@ -178,6 +178,24 @@ def text_pipelines(tmp_path_factory):
     return {"sd": save_sd_pipeline(root / "sd"), "sd3": save_sd3_pipeline(root / "sd3")}
 
 
+def test_sample_guidance_interval_equals_the_library_and_counts_real_calls(tmp_path, capsys):
+    from fastgen.samplers.guidance import cfg
+
+    m = load_model("digits-edm")
+    args = ("--model", "digits-edm", "--class-label", "3", "--guidance", "2", "--steps", "3", "--num", "4")
+    info, got = _sample(capsys, *args, "--guidance-interval", "0.5", "5", "--out", str(tmp_path / "i.npz"))
+    cond, uncond = m.condition(4, class_labels=3, guidance=2.0)
+    ref = _heun_ref(cfg(m.denoiser, 2.0, uncond, interval=(0.5, 5.0)), m.shape, 4, 0, 3, m.sigma_min, m.sigma_max,
+                    **cond)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    sig = schedules.karras(3, m.sigma_min, m.sigma_max)
+    # Heun: D at each step's start, and its corrector at the step's end when that is > 0
+    evals = [float(sig[i]) for i in range(len(sig) - 1)] + [float(v) for v in sig[1:] if v > 0]
+    assert info["nfe"] == sum(2 if 0.5 <= s <= 5.0 else 1 for s in evals) < 2 * len(evals)
+    _, plain = _sample(capsys, *args, "--out", str(tmp_path / "p.npz"))
+    assert (got - plain).abs().max() > 1e-3  # the interval changes the samples
+
+
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 def test_sample_text_pipeline_with_prompts_and_cfg(family, text_pipelines, tmp_path, capsys):
     from diffusers import DiffusionPipeline

@@ -27,9 +27,10 @@ SHIPPED_SCHEDULES = Path(__file__).resolve().parent.parent / "models" / "weights
 
 @dataclass
 class SampleSpec:
-    """What to sample: sampler name, schedule (name or JSON path), solver steps, CFG weight, and the
-    conditioning inputs (class label or ``"cycle"``, prompts, negative prompt); ``allow_schedule_range``
-    runs a schedule whose sigmas leave the model's range (experts only)."""
+    """What to sample: sampler name, schedule (name or JSON path), solver steps, CFG weight (and the sigma
+    interval it applies in, ``None``: everywhere), and the conditioning inputs (class label or ``"cycle"``,
+    prompts, negative prompt); ``allow_schedule_range`` runs a schedule whose sigmas leave the model's range
+    (experts only)."""
 
     sampler: str | None = None
     schedule: str = "karras"
@@ -39,6 +40,7 @@ class SampleSpec:
     prompts: list[str] | None = None
     negative_prompt: str | None = None
     allow_schedule_range: bool = False
+    guidance_interval: tuple[float, float] | None = None
 
 
 class _Counter(torch.nn.Module):
@@ -123,6 +125,13 @@ def _check_spec(spec: SampleSpec, model: LoadedModel) -> str:
         raise ValueError(f"--steps must be an integer >= 1, got {spec.steps!r}")
     if spec.guidance < 0:
         raise ValueError(f"--guidance must be >= 0, got {spec.guidance}")
+    if spec.guidance_interval is not None:
+        from fastgen.samplers.guidance import check_interval
+
+        check_interval(spec.guidance_interval, "--guidance-interval")
+        if spec.guidance == 1.0 or model.kind == "gft":
+            raise ValueError("--guidance-interval needs CFG: --guidance != 1 on a model with an unconditional "
+                             f"branch ({model.name} is a {model.kind} model, --guidance {spec.guidance:g})")
     if model.kind == "student" and sampler != "student":
         raise ValueError(f"{model.name} is a one-step student: use --sampler student (got {sampler!r})")
     if model.kind == "shortcut" and sampler != "shortcut":
@@ -253,7 +262,7 @@ def _guided(model: LoadedModel, spec: SampleSpec, den: Any, uncond: dict[str, An
     if spec.guidance != 1.0:
         from fastgen.samplers.guidance import cfg
 
-        return cfg(den, spec.guidance, uncond)
+        return cfg(den, spec.guidance, uncond, interval=spec.guidance_interval)
     return den
 
 

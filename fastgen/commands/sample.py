@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run a schedule whose sigmas leave the model's sigma range (experts)")
     p.add_argument("--steps", type=int, default=10, help="solver steps (Heun: NFE = 2*steps - 1)")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG weight w (1 = conditional; GFT: beta = 1/w)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), the conditional "
+                        "model elsewhere; needs --guidance != 1")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                          f"(conditioning: {model.conditioning})")
     spec = SampleSpec(sampler=args.sampler, schedule=args.schedule, steps=args.steps, guidance=args.guidance,
                       class_label=args.class_label or "cycle", prompts=prompts,
-                      negative_prompt=args.negative_prompt, allow_schedule_range=args.allow_schedule_range)
+                      negative_prompt=args.negative_prompt, allow_schedule_range=args.allow_schedule_range,
+                      guidance_interval=args.guidance_interval)
     out = Path(args.out)
     check_output_path(out, "--out", kind="file" if out.suffix == ".npz" else "folder")
     batches = iter_generate(model, spec, args.num, seed=args.seed, batch_size=args.batch_size,

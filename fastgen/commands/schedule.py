@@ -46,6 +46,7 @@ class TestBed:
     model: Any = None  # the LoadedModel (None for digits-empirical)
     prompts: list[str] | None = None
     guidance: float = 1.0  # the CFG scale ``denoiser`` already applies (1: the conditional model itself)
+    guidance_interval: tuple[float, float] | None = None  # the sigmas that CFG applies at (None: all)
 
     def noise(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` unit Gaussian noises and (for class-conditional models) uniform random labels."""
@@ -68,13 +69,20 @@ class TestBed:
 
 
 def load_testbed(name: str, bandwidth: float = 0.25, prompts: list[str] | None = None, guidance: float = 1.0,
-                 negative_prompt: str | None = None) -> TestBed:
+                 negative_prompt: str | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> TestBed:
     """Build the test bed of ``name`` (``digits-empirical`` or any :func:`load_model` source).
 
     ``guidance != 1`` makes the bed's denoiser the CFG denoiser ``D_u + w (D_c - D_u)`` (DiT convention) of a
     conditional model, so a schedule is learned for the ODE that is sampled at that scale; the unconditional
     branch is the empty prompt (or ``negative_prompt``) for text models and the null class for class models.
+    ``guidance_interval`` ``(sigma_lo, sigma_hi)`` limits CFG to those sigmas (the conditional model elsewhere).
     """
+    from fastgen.samplers.guidance import check_interval
+
+    guidance_interval = check_interval(guidance_interval, "--guidance-interval")
+    if guidance_interval is not None and guidance == 1.0:
+        raise ValueError("--guidance-interval needs --guidance != 1 (at 1 no guidance is applied anywhere)")
     bed = _load_testbed(name, bandwidth, prompts)
     if guidance == 1.0 and negative_prompt is None:
         return bed
@@ -90,8 +98,8 @@ def load_testbed(name: str, bandwidth: float = 0.25, prompts: list[str] | None =
     first = None if bed.model.conditioning != "prompt" else (bed.prompts or [""])[:1]
     # condition() validates the scale and the model's conditioning; uncond holds ONE row, expanded per call.
     _, uncond = bed.model.condition(1, prompts=first, negative_prompt=negative_prompt, guidance=guidance)
-    bed.denoiser = cfg(bed.denoiser, guidance, uncond)
-    bed.guidance = guidance
+    bed.denoiser = cfg(bed.denoiser, guidance, uncond, interval=guidance_interval)
+    bed.guidance, bed.guidance_interval = guidance, guidance_interval
     return bed
 
 
@@ -150,6 +158,9 @@ def _common(p: argparse.ArgumentParser, multi_nfe: bool = False, solver: bool = 
     p.add_argument("--prompts", default=None, metavar="FILE", help="text pipelines: prompts, one per line")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale the schedule is learned for (conditional models; default 1 = no guidance)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), the conditional "
+                        "model elsewhere; needs --guidance != 1")
     p.add_argument("--negative-prompt", default=None, help="text pipelines with --guidance: the unconditional prompt")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -247,7 +258,7 @@ def _bed(args: argparse.Namespace) -> TestBed:
     from fastgen.commands.sample import _prompts
 
     return load_testbed(args.model, prompts=_prompts(args), guidance=args.guidance,
-                        negative_prompt=args.negative_prompt)
+                        negative_prompt=args.negative_prompt, guidance_interval=args.guidance_interval)
 
 
 def _range(args: argparse.Namespace, bed: TestBed) -> tuple[float | None, float | None]:
@@ -267,6 +278,8 @@ def _finish(sched: Any, out: str, bed: TestBed | None = None) -> int:
         sched.meta["model_identity"] = bed.identity()
         sched.meta["model_sigma_range"] = list(bed.model.sigma_range)
         sched.meta["guidance"] = bed.guidance
+        if bed.guidance_interval is not None:
+            sched.meta["guidance_interval"] = list(bed.guidance_interval)
     path = sched.save(out)
     print(sched.summary())
     print(f"wrote {path}")
