@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             f"alternative on both metrics; means over all {len(seeds)} seeds, no seed selection): " +
             "; ".join(f"{k[0]}: {v[1]} ({'beats all' if v[0] else 'does not beat all'})"
                       for k, v in sorted(at6.items())) + ".")
-        section = [*body, f"**{model}** (CFG {w}{'' if w == card_w else f', the card: {card_w}'}, schedules: {', '.join(sorted(paths))})\n\n{claim}\n\n{text}",
+        scale = f"CFG {w}" + ("" if w == card_w else f", the card: {card_w}")
+        section = [*body, f"**{model}** ({scale}, schedules: {', '.join(sorted(paths))})\n\n{claim}\n\n{text}",
                    f"Wall time for {model}: {time.perf_counter() - t_model:.0f} s ({args.threads} thread(s), "
                    "a shared 2-core CPU)."]
         if args.quick:  # smoke run: numbers not meaningful, BENCHMARKS.md untouched

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=10, help="solver steps (Heun: NFE = 2*steps - 1)")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG weight w (1 = conditional; GFT: beta = 1/w)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), the conditional "
+                   help="CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), "
+                        "the conditional "
                         "model elsewhere; needs --guidance != 1")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)

@@ -159,7 +159,8 @@ def _common(p: argparse.ArgumentParser, multi_nfe: bool = False, solver: bool = 
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale the schedule is learned for (conditional models; default 1 = no guidance)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), the conditional "
+                   help="CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), "
+                        "the conditional "
                         "model elsewhere; needs --guidance != 1")
     p.add_argument("--negative-prompt", default=None, help="text pipelines with --guidance: the unconditional prompt")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
