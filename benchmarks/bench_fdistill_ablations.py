@@ -13,7 +13,7 @@ scored on the EMA student:
 Run-level results are cached as JSON under ``benchmarks/results/fdistill_ablations/`` (one file per
 variant, seed and budget), so variants can be run one at a time and the report assembled at the end::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_fdistill_ablations --bed digits --variants base,ssig1.5 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_fdistill_ablations --variants base80,ssig1.5 \\
         --seeds 0 --steps 2000
     python -m benchmarks.bench_fdistill_ablations --report      # writes the BENCHMARKS.md section
 
@@ -74,6 +74,18 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
                              [f"method.regression_weight={w}"]) for w in (0.25, 1.0, 4.0)},
     "s2.5-reg4-gan0.03": ("digits", "sigma 2.5 + regression weight 4 + lambda_G 0.03",
                           ["method.student_sigma=2.5", "method.regression_weight=4.0", "method.lambda_gan=0.03"]),
+    # ---- the within-class contraction (every variant above: 0.81-0.90x the teacher's spread): student updates
+    "s2.5-reg4-every1": ("digits", "sigma 2.5 + regression 4 + the student every step (5x the student updates)",
+                         ["method.student_sigma=2.5", "method.regression_weight=4.0", "method.student_every=1",
+                          "ema.every=1"]),
+    "s2.5-reg4-every1-unipc10": ("digits", "sigma 2.5 + regression 4 + the student every step + its ODE by UniPC "
+                                 "on 10 Karras sigmas (10 calls, not 35)",
+                                 ["method.student_sigma=2.5", "method.regression_weight=4.0", "method.student_every=1",
+                                  "ema.every=1", "method.regression_solver=unipc", "method.regression_grid=10"]),
+    **{f"s2.5-reg4-slr{lr:g}": ("digits", f"sigma 2.5 + regression 4 + student lr {lr:g} ({lr / 5e-4:g}x)",
+                                ["method.student_sigma=2.5", "method.regression_weight=4.0",
+                                 f"optim.groups={{student: {{lr: {lr}}}}}"])
+       for lr in (0.002, 0.00025, 0.000125)},
     "ring-js-reg4-anneal3k": ("ring", "f-distill JS + regression weight 4 decayed to 0 at step 3000",
                               ["method.regression_weight=4.0", "method.regression_anneal_steps=3000"]),
 }
@@ -96,6 +108,15 @@ VARIANTS["ring-linbins"] = ("ring", "f-distill JS + FastGen's raw-sigma ratio bi
 for _name, (_bed, _what, _extra) in list(VARIANTS.items()):
     if not any(o.startswith("method.regression_weight=") for o in _extra):
         VARIANTS[_name] = (_bed, _what, [*_extra, "method.regression_weight=0.0"])
+# Likewise the digits configs' student schedule and regression ODE (the student every step, UniPC on 10 sigmas
+# since the s2.5-reg4-every1-unipc10 runs): the variants measured before state the old ones (every 5th step,
+# Heun on 18 sigmas).
+_OLD_DIGITS = {"method.student_every": "5", "ema.every": "5", "method.regression_solver": "heun",
+               "method.regression_grid": "18"}
+for _name, (_bed, _what, _extra) in list(VARIANTS.items()):
+    if _bed == "digits":
+        _set = {o.split("=", 1)[0] for o in _extra}
+        VARIANTS[_name] = (_bed, _what, [*_extra, *(f"{k}={v}" for k, v in _OLD_DIGITS.items() if k not in _set)])
 
 
 def _overrides(bed: str, extra: list[str], seed: int, steps: int, out: Path) -> list[str]:

@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
         text, verdict = summarise(name, runs)
         per_nfe = {k: {str(n): list(x) for n, x in verdict[k].items()} for k in ("fastgen", "ays")}
-        chunk = {"text": text, "verdict": {**verdict, **per_nfe}, "sizes": body[1], "seeds": seeds,
+        chunk = {"text": text, "verdict": {**verdict, **per_nfe}, "sizes": body[1], "seeds": seeds, "runs": runs,
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "wall_s": round(time.perf_counter() - t_bed)}
         if not q:  # one file per bed, so beds can be (re)measured in separate jobs
