@@ -30,7 +30,7 @@ from benchmarks.common import RESULTS, ROOT, markdown_table, write_section
 
 SEEDS = (0, 1, 2)
 N = 900
-FDISTILL_MINUTES = 29.0  # digits-fdistill-js card: about 29 minutes of wall time for 32000 iterations
+FDISTILL_MINUTES = 33.0  # digits-fdistill-js card: 33 minutes of wall time for 16000 iterations
 RUNS = {  # name -> (config, overrides)
     "sfd-k4": ("digits-sfd", []),
     "sfd-k5": ("digits-sfd", ["method.num_steps=5", "steps=900", "optim.decay_start=450", "optim.decay_end=451",
