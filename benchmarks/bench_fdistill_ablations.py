@@ -86,6 +86,8 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
                                 ["method.student_sigma=2.5", "method.regression_weight=4.0",
                                  f"optim.groups={{student: {{lr: {lr}}}}}"])
        for lr in (0.002, 0.00025, 0.000125)},
+    "ring-js-reg4-every1": ("ring", "f-distill JS + regression weight 4 + the student every step (2x the updates)",
+                            ["method.regression_weight=4.0", "method.student_every=1", "ema.every=1"]),
     "ring-js-reg4-anneal3k": ("ring", "f-distill JS + regression weight 4 decayed to 0 at step 3000",
                               ["method.regression_weight=4.0", "method.regression_anneal_steps=3000"]),
 }
