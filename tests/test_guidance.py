@@ -85,7 +85,7 @@ def test_cfg_interval_guides_only_inside_and_skips_the_weak_pass_outside():
     out = cfg(stub, 2.5, interval=(0.5, 2.0))(x, torch.tensor([0.1, 1.0, 3.0, 2.0]), class_labels=y)
     assert torch.equal(out[:, 0], torch.tensor([0.0, 4.0, 2.0, 14.0], dtype=torch.float64))
     assert stub.calls == 2
-    # an open top and a sampler: the guided ODE on a toy equals plain CFG where the interval covers everything
+    # an open top [0, inf) covers every sigma: the exact toy denoiser guided equals plain CFG bit for bit
     gmm = ring_mixture()
     den = gmm.denoiser()
     z = torch.randn(32, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -22,6 +22,8 @@ from fastgen.models import load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from fastgen.samplers.guidance import GUIDANCE_INTERVAL_HELP
+
     p = sub.add_parser(
         "sample",
         help="sample a model (zoo name, run, student, Diffusers pipeline folder, mixture)",
@@ -37,9 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=10, help="solver steps (Heun: NFE = 2*steps - 1)")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG weight w (1 = conditional; GFT: beta = 1/w)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), "
-                        "the conditional "
-                        "model elsewhere; needs --guidance != 1")
+                   help=GUIDANCE_INTERVAL_HELP)
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)

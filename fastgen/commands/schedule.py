@@ -141,6 +141,8 @@ def _model_samples(bed: TestBed, n: int, generator: torch.Generator) -> tuple[to
 
 
 def _common(p: argparse.ArgumentParser, multi_nfe: bool = False, solver: bool = True) -> None:
+    from fastgen.samplers.guidance import GUIDANCE_INTERVAL_HELP
+
     p.add_argument("--model", default="digits-empirical",
                    help=f"{', '.join(MODELS)}, or any load_model source: zoo/pipeline name, run dir, pipeline folder")
     if solver:
@@ -159,9 +161,7 @@ def _common(p: argparse.ArgumentParser, multi_nfe: bool = False, solver: bool = 
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale the schedule is learned for (conditional models; default 1 = no guidance)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), "
-                        "the conditional "
-                        "model elsewhere; needs --guidance != 1")
+                   help=GUIDANCE_INTERVAL_HELP)
     p.add_argument("--negative-prompt", default=None, help="text pipelines with --guidance: the unconditional prompt")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

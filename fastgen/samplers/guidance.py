@@ -106,6 +106,11 @@ class CFGDenoiser(nn.Module):
         return torch.where(inside.reshape(-1, *([1] * (x.ndim - 1))), guided, d_c)
 
 
+#: ``--guidance-interval`` help of every command that takes it (``fastgen sample``, ``fastgen schedule``).
+GUIDANCE_INTERVAL_HELP = ("CFG only for sigma in [LO, HI] (VE sigma; HI may be inf; Kynkaanniemi et al. 2024), the "
+                          "conditional model elsewhere; needs --guidance != 1")
+
+
 def check_interval(interval: tuple[float, float] | None, name: str = "interval") -> tuple[float, float] | None:
     """``None`` or a validated ``(sigma_lo, sigma_hi)`` with ``0 <= sigma_lo < sigma_hi`` (``sigma_hi`` may be inf)."""
     if interval is None:
