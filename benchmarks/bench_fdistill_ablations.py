@@ -92,6 +92,13 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
                               ["method.regression_weight=4.0", "method.regression_anneal_steps=3000"]),
 }
 
+#: Paired comparisons the report computes (same seeds, same budget): (bed, variant, against, iterations, metrics).
+PAIRED = [
+    ("digits", "s2.5-reg4-every1-unipc10", "s2.5-reg4", 6000,
+     ("fd_data_ratio", "rec_ratio", "prec_ratio", "div_ratio")),
+    ("ring", "ring-js-reg4-every1", "ring-js-fdreg", 1000, ("tv", "knn_precision", "knn_recall", "fd_data")),
+]
+
 #: The equal-budget table (issue 17): divergence x {f-distill, Uni-Instruct} on the ring, same iterations.
 TABLE_DIVS = {"reverse_kl": "reverse-KL", "js": "JS", "forward_kl": "forward-KL", "hellinger": "Hellinger",
               "alpha:1.5": "alpha = 1.5"}
@@ -381,6 +388,25 @@ def equal_budget_table(runs: dict) -> str:
     return markdown_table(head, rows) + ("\n\n" + "\n".join(f"- {v}" for v in verdicts) if verdicts else "")
 
 
+def paired_table() -> str:
+    """Per :data:`PAIRED` row and metric: both means and the mean [95% t-interval] of the per-seed differences."""
+    rows = []
+    for bed, a, b, steps, metrics in PAIRED:
+        seeds = [s for s in range(100) if cache_path(a, s, steps).is_file() and cache_path(b, s, steps).is_file()]
+        if len(seeds) < 2:
+            continue
+        ra = [json.loads(cache_path(a, s, steps).read_text())["metrics"] for s in seeds]
+        rb = [json.loads(cache_path(b, s, steps).read_text())["metrics"] for s in seeds]
+        for k in metrics:
+            diff = [x[k] - y[k] for x, y in zip(ra, rb)]
+            m, lo, hi = mean_ci(diff)
+            rows.append([bed, f"{a} vs {b}", steps, len(seeds), k, f"{mean_ci([x[k] for x in ra])[0]:.3f}",
+                         f"{mean_ci([y[k] for y in rb])[0]:.3f}", f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"])
+    head = ["bed", "variant vs reference", "iterations", "seeds", "metric", "variant", "reference",
+            "difference (paired by seed)"]
+    return markdown_table(head, rows) if rows else ""
+
+
 def report() -> Path:
     parts = [
         "Short-budget ablations of the f-distill recipe (one knob at a time from the config named in the "
@@ -392,6 +418,9 @@ def report() -> Path:
         "**The student at step 0** (a teacher copy evaluated once at the student sigma, seed 0, no training):\n\n"
         + init_table(),
     ]
+    if paired_table():
+        parts.append("### Paired by seed\n\nSame seeds and budget; ratios are student / teacher per seed.\n\n"
+                     + paired_table())
     ring = collect("ring")
     if ring_table(ring):
         parts.append("### 8-mode imbalanced ring (exact teacher)\n\n" + ring_table(ring))
